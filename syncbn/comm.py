@@ -1,0 +1,131 @@
+"""The one door to other processes: collectives over torch.distributed or mpi4py.
+
+SyncBatchNorm needs three things from a group of processes: its size, this process's
+rank in it, and a summing all-reduce in place. `Communicator` names exactly that, so the
+math in `functional.py` never knows which backend carries the numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Communicator", "LocalComm", "TorchComm", "MPIComm", "resolve", "new_groups"]
+
+
+class Communicator(Protocol):
+    """A group of processes that can sum a tensor across its members."""
+
+    world_size: int
+    rank: int
+
+    def all_reduce_(self, tensor: torch.Tensor) -> None:
+        """Replace ``tensor`` on every member by the elementwise sum over all members."""
+
+
+class LocalComm:
+    """The world of one process: the all-reduce is the identity.
+
+    It makes a single process the degenerate case of the same code, not a special case.
+    """
+
+    world_size = 1
+    rank = 0
+
+    def all_reduce_(self, tensor: torch.Tensor) -> None:
+        pass
+
+
+class TorchComm:
+    """Any ``torch.distributed`` ProcessGroup (Gloo, NCCL, sub-groups)."""
+
+    def __init__(self, group: Any = None) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        if self.rank < 0:
+            raise ValueError("expected this process to be a member of process_group (it is not)")
+        self.world_size = dist.get_world_size(group)
+
+    def all_reduce_(self, tensor: torch.Tensor) -> None:
+        dist.all_reduce(tensor, group=self.group)
+
+
+class MPIComm:
+    """An ``mpi4py.MPI.Comm`` (COMM_WORLD or any sub-communicator).
+
+    CPU tensors are reduced in place through the buffer protocol. CUDA tensors go straight
+    to MPI when mpi4py reports a CUDA-aware library, and are staged through host memory
+    otherwise: the buffer is only 2C+1 numbers, so the copy is cheap next to the latency.
+    """
+
+    def __init__(self, comm: Any) -> None:
+        from mpi4py import MPI
+
+        if comm == MPI.COMM_NULL:
+            raise ValueError("expected this process to be a member of process_group (got MPI.COMM_NULL)")
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.world_size = comm.Get_size()
+        self._in_place = MPI.IN_PLACE
+        query = getattr(MPI, "Query_cuda_support", None)
+        self._cuda_aware = bool(query and query())
+
+    def all_reduce_(self, tensor: torch.Tensor) -> None:
+        if tensor.device.type == "cpu":
+            self.comm.Allreduce(self._in_place, tensor.numpy())
+        elif self._cuda_aware:
+            torch.cuda.current_stream(tensor.device).synchronize()
+            self.comm.Allreduce(self._in_place, tensor)
+        else:
+            host = tensor.cpu()
+            self.comm.Allreduce(self._in_place, host.numpy())
+            tensor.copy_(host)
+
+
+def _is_mpi_comm(obj: Any) -> bool:
+    # Checked by module name so that importing syncbn never imports mpi4py.
+    return type(obj).__module__ == "mpi4py.MPI"
+
+
+@torch.compiler.disable
+def resolve(process_group: Any = None) -> Communicator:
+    """Turn a ``process_group=`` argument into a Communicator.
+
+    None means the default torch.distributed group when one is initialized, and a world of
+    one otherwise, so a layer written for many processes runs unchanged in one.
+    """
+    if process_group is None:
+        if dist.is_available() and dist.is_initialized():
+            return TorchComm(None)
+        return LocalComm()
+    if _is_mpi_comm(process_group):
+        return MPIComm(process_group)
+    if dist.is_available() and isinstance(process_group, dist.ProcessGroup):
+        return TorchComm(process_group)
+    raise TypeError(
+        "expected process_group to be None, a torch.distributed ProcessGroup or an "
+        f"mpi4py.MPI.Comm (got {type(process_group).__name__})"
+    )
+
+
+def new_groups(group_size: int, process_group: Any = None) -> Any:
+    """Split a group into consecutive blocks of ``group_size`` ranks; return this rank's block.
+
+    Statistics are then synchronized within each block only (for example, per node, or in
+    blocks of 8 GPUs when the per-GPU batch is already large enough). Creating a group is
+    itself a collective: with torch.distributed every process of the job must call this, and
+    with MPI every rank of ``process_group``, with the same ``group_size``, even for blocks
+    it will not join, or the job hangs.
+    """
+    mpi = _is_mpi_comm(process_group)
+    size = process_group.Get_size() if mpi else dist.get_world_size(process_group)
+    if group_size < 1 or size % group_size:
+        raise ValueError(f"expected group_size to divide the group size {size} (got {group_size})")
+    if mpi:
+        return process_group.Split(color=process_group.Get_rank() // group_size)
+    ranks = dist.get_process_group_ranks(dist.group.WORLD if process_group is None else process_group)
+    blocks = [ranks[i : i + group_size] for i in range(0, size, group_size)]
+    mine, _ = dist.new_subgroups_by_enumeration(blocks)
+    return mine

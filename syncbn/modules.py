@@ -1,0 +1,125 @@
+"""`SyncBatchNorm`: the nn.Module users put in their models.
+
+It owns the state (weight, bias, running stats, the process group), checks arguments and
+inputs, and decides whether this call needs the group at all. When it does not, it is
+exactly torch's own BatchNorm; when it does, `functional.sync_batch_norm` does the rest.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from . import comm as _comm
+from .functional import reject_collectively, sync_batch_norm
+
+__all__ = ["SyncBatchNorm"]
+
+
+class SyncBatchNorm(_BatchNorm):
+    r"""Batch normalization whose batch statistics span every rank of a process group.
+
+    Training on W ranks with local batches B₀…B_{W−1} gives the same outputs, input
+    gradients, summed weight/bias gradients and running stats as ``nn.BatchNorm`` on one
+    process with the concatenated batch. One class serves (N, C), (N, C, L), (N, C, H, W)
+    and (N, C, D, H, W) inputs, and its ``state_dict`` is that of ``nn.BatchNorm1d/2d/3d``.
+
+    Semantics:
+
+    * **Training.** Every rank contributes its count, Σx and Σx² through one all-reduce of
+      2C+1 float64 numbers; every rank normalizes with the same global mean and biased
+      variance. The backward all-reduces (Σdy, Σdy·x̂), 2C numbers, so the input gradient
+      is exactly that of the global batch. Weight and bias gradients stay local, because
+      DDP averages them. Messages are O(C), independent of the world size.
+    * **Running stats** use the global count and the unbiased variance, honour
+      ``momentum=None`` (cumulative average) and ``num_batches_tracked``, and are identical
+      on every rank.
+    * **Uneven and empty batches.** A rank with an empty batch still joins every
+      collective. If the whole global batch is empty, the output is empty and running_mean
+      and running_var do not move (``num_batches_tracked`` counts the call, as in
+      ``nn.BatchNorm``). A global batch of one value per channel raises ``ValueError`` on
+      every rank.
+    * **Eval mode** with running stats never communicates. With
+      ``track_running_stats=False`` batch statistics are synchronized in eval mode too, so
+      that eval matches the global batch (``torch.nn.SyncBatchNorm`` uses local ones).
+    * **Bad input** (fewer than 2 dims, wrong channel count, non-floating dtype) raises a
+      clear error on the offending rank; its peers raise too rather than hang.
+    * **Layout and precision.** The output keeps the input's dtype and memory format
+      (channels_last included). Statistics are reduced in float64 and applied in at least
+      float32, whatever the input dtype; fp16/bf16 inputs and ``torch.autocast`` work.
+    * ``torch.compile`` runs it: the synchronized call is a graph break and runs eagerly.
+
+    Args:
+        num_features: C, the number of channels.
+        eps: added to the variance for numerical stability.
+        momentum: factor of the running-stat update; ``None`` for a cumulative average.
+        affine: learn a per-channel weight and bias.
+        track_running_stats: keep running mean and variance for eval mode.
+        process_group: ``None`` for the default torch.distributed group (or no
+            synchronization when none is initialized), a torch.distributed ProcessGroup
+            (Gloo, NCCL, sub-groups), or an ``mpi4py.MPI.Comm``.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any = None,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def _input_error(self, input: torch.Tensor) -> Exception | None:
+        if input.dim() < 2:
+            return ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+        if input.size(1) != self.num_features:
+            return ValueError(f"expected input with {self.num_features} channels (got {input.size(1)})")
+        if not input.is_floating_point():
+            return TypeError(f"expected a floating-point input (got {input.dtype})")
+        return None
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        use_batch_stats = self.training or self.running_mean is None
+        comm = _comm.resolve(self.process_group) if use_batch_stats else _comm.LocalComm()
+        sync = comm.world_size > 1
+        error = self._input_error(input)
+        if error is not None:
+            if sync:
+                reject_collectively(comm, self.num_features, input.device, error)
+            raise error
+        if not sync:
+            if self.training and input.numel() == self.num_features:
+                # Checked before torch counts the batch, so a rejected call leaves no trace.
+                raise ValueError(
+                    f"expected more than 1 value per channel when training (got input size {list(input.shape)})"
+                )
+            return super().forward(input)
+        track = self.training and self.track_running_stats
+        return sync_batch_norm(
+            input,
+            self.weight,
+            self.bias,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.num_batches_tracked if track else None,
+            self.momentum,
+            self.eps,
+            comm,
+        )
+
+    def extra_repr(self) -> str:
+        group = "" if self.process_group is None else f", process_group={type(self.process_group).__name__}"
+        return super().extra_repr() + group

@@ -1,0 +1,74 @@
+"""The spec: W ranks with uneven batches (one empty) equal nn.BatchNorm on the global batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from cases import CHANNELS, global_batch, local_bn_class, memory_format, rank_slice
+from distributed import run_distributed
+from torch.testing import assert_close
+
+from syncbn import SyncBatchNorm
+
+SIZES = {1: [7], 2: [0, 7], 3: [3, 0, 4]}
+TOL = {"atol": 1e-9, "rtol": 1e-9}
+
+
+def _check(rank, world, dims, channels_last, affine, momentum, steps=2):
+    sizes = SIZES[world]
+    fmt = memory_format(dims, channels_last)
+    torch.manual_seed(0)
+    ref = local_bn_class(dims)(CHANNELS, affine=affine, momentum=momentum).double()
+    if affine:
+        with torch.no_grad():
+            ref.weight.uniform_(0.5, 1.5)
+            ref.bias.uniform_(-1, 1)
+    sync = SyncBatchNorm(CHANNELS, affine=affine, momentum=momentum).double()
+    sync.load_state_dict(ref.state_dict())
+    case = f"dims={dims} channels_last={channels_last} affine={affine} momentum={momentum} rank={rank}"
+    mine = rank_slice(sizes, rank)
+    for step in range(steps):
+        x, dy = global_batch(step, sum(sizes), dims)
+        x, dy = x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt)
+        xr = x.detach().clone().requires_grad_()
+        ref.zero_grad()
+        y_ref = ref(xr)
+        y_ref.backward(dy)
+
+        xs = x[mine].detach().clone().requires_grad_()
+        sync.zero_grad()
+        y = sync(xs)
+        y.backward(dy[mine])
+
+        assert y.is_contiguous(memory_format=fmt), case
+        assert_close(y, y_ref[mine], **TOL, msg=lambda m: f"{case}: y\n{m}")
+        assert_close(xs.grad, xr.grad[mine], **TOL, msg=lambda m: f"{case}: dx\n{m}")
+        if affine:
+            for name in ("weight", "bias"):
+                grad = getattr(sync, name).grad.clone()
+                dist.all_reduce(grad)
+                assert_close(grad, getattr(ref, name).grad, **TOL, msg=lambda m: f"{case}: d{name}\n{m}")
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            assert_close(getattr(sync, name), getattr(ref, name), **TOL, msg=lambda m: f"{case}: {name}\n{m}")
+
+    sync.eval()
+    ref.eval()
+    x, _ = global_batch(steps, sum(sizes), dims)
+    with torch.no_grad():
+        assert_close(sync(x[mine]), ref(x)[mine], **TOL, msg=lambda m: f"{case}: eval\n{m}")
+
+
+def _spec_worker(rank, world, dims):
+    for channels_last in (False, True) if dims >= 4 else (False,):
+        for affine in (True, False):
+            for momentum in (0.1, None):
+                _check(rank, world, dims, channels_last, affine, momentum)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("dims", [2, 3, 4, 5])
+def test_matches_batchnorm_on_global_batch(tmp_path, world, dims):
+    """Every layout (channels_last too), affine on/off and momentum 0.1/None, in fp64 to 1e-9."""
+    run_distributed(_spec_worker, world, tmp_path, dims)

@@ -44,8 +44,6 @@ class TorchComm:
     def __init__(self, group: Any = None) -> None:
         self.group = group
         self.rank = dist.get_rank(group)
-        if self.rank < 0:
-            raise ValueError("expected this process to be a member of process_group (it is not)")
         self.world_size = dist.get_world_size(group)
 
     def all_reduce_(self, tensor: torch.Tensor) -> None:
@@ -102,8 +100,12 @@ def resolve(process_group: Any = None) -> Communicator:
         return LocalComm()
     if _is_mpi_comm(process_group):
         return MPIComm(process_group)
-    if dist.is_available() and isinstance(process_group, dist.ProcessGroup):
-        return TorchComm(process_group)
+    if dist.is_available():
+        if isinstance(process_group, dist.ProcessGroup):
+            return TorchComm(process_group)
+        if process_group is dist.GroupMember.NON_GROUP_MEMBER:
+            # What dist.new_group returns on the ranks it leaves out.
+            raise ValueError("expected this process to be a member of process_group (it is not)")
     raise TypeError(
         "expected process_group to be None, a torch.distributed ProcessGroup or an "
         f"mpi4py.MPI.Comm (got {type(process_group).__name__})"

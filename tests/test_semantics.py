@@ -1,0 +1,194 @@
+"""Multi-process semantics: empty and tiny global batches, bad input, eval, groups, dtypes, compile."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+from cases import CHANNELS, global_batch, rank_slice
+from distributed import run_distributed
+from torch import nn
+from torch.testing import assert_close
+
+from syncbn import SyncBatchNorm, convert_sync_batchnorm, new_groups
+
+pytestmark = pytest.mark.distributed
+
+
+def _snapshot(module):
+    return copy.deepcopy(module.state_dict())
+
+
+def _empty_global_batch(rank, world):
+    bn = SyncBatchNorm(CHANNELS).double()
+    before = _snapshot(bn)
+    x = torch.randn(0, CHANNELS, 3, dtype=torch.float64, requires_grad=True)
+    y = bn(x)
+    assert y.shape == x.shape and not torch.isnan(y).any()
+    y.sum().backward()
+    assert bn.weight.grad.eq(0).all()
+    assert_close(bn.running_mean, before["running_mean"], atol=0, rtol=0)
+    assert_close(bn.running_var, before["running_var"], atol=0, rtol=0)
+    assert bn.num_batches_tracked.item() == 1
+
+
+def test_empty_global_batch(tmp_path):
+    run_distributed(_empty_global_batch, 3, tmp_path)
+
+
+def _one_value_per_channel(rank, world):
+    bn = SyncBatchNorm(CHANNELS)
+    before = _snapshot(bn)
+    x = torch.randn(1 if rank == 1 else 0, CHANNELS)
+    with pytest.raises(ValueError, match="expected more than 1 value per channel in the global batch"):
+        bn(x)
+    assert_close(bn.state_dict(), before, atol=0, rtol=0)
+    # The group is still usable: the error left no rank inside a collective.
+    bn(torch.randn(2, CHANNELS))
+
+
+def test_one_value_per_channel_raises_on_every_rank(tmp_path):
+    run_distributed(_one_value_per_channel, 3, tmp_path)
+
+
+BAD = {
+    "channels": (torch.randn(4, CHANNELS + 1, 2), ValueError, "expected input with 5 channels"),
+    "dims": (torch.randn(CHANNELS), ValueError, "expected at least 2D input"),
+    "dtype": (torch.ones(4, CHANNELS, dtype=torch.int32), TypeError, "expected a floating-point input"),
+}
+
+
+def _bad_input_on_one_rank(rank, world, kind):
+    bn = SyncBatchNorm(CHANNELS)
+    before = _snapshot(bn)
+    bad, error, message = BAD[kind]
+    if rank == world - 1:
+        with pytest.raises(error, match=message):
+            bn(bad)
+    else:
+        with pytest.raises(RuntimeError, match="another rank of the group rejected its input"):
+            bn(torch.randn(4, CHANNELS, 2))
+    assert_close(bn.state_dict(), before, atol=0, rtol=0)
+    bn(torch.randn(3, CHANNELS, 2)).sum().backward()
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_bad_input_on_one_rank_raises_everywhere(tmp_path, kind):
+    run_distributed(_bad_input_on_one_rank, 3, tmp_path, kind, timeout=60)
+
+
+def _eval_does_not_communicate(rank, world):
+    bn = SyncBatchNorm(CHANNELS).eval()
+    if rank == 0:
+        for _ in range(5):
+            bn(torch.randn(4, CHANNELS))
+    # Had rank 0 issued any collective above, this one would pair with it and not sum to 1.
+    probe = torch.tensor([float(rank)])
+    dist.all_reduce(probe)
+    assert probe.item() == 1.0
+
+
+def test_eval_with_running_stats_does_not_communicate(tmp_path):
+    run_distributed(_eval_does_not_communicate, 2, tmp_path)
+
+
+def _untracked_eval_syncs(rank, world):
+    sizes = [3, 5]
+    x, _ = global_batch(0, sum(sizes), 3)
+    ref = nn.BatchNorm1d(CHANNELS, track_running_stats=False).double().eval()
+    bn = SyncBatchNorm(CHANNELS, track_running_stats=False).double().eval()
+    with torch.no_grad():
+        assert_close(bn(x[rank_slice(sizes, rank)]), ref(x)[rank_slice(sizes, rank)], atol=1e-9, rtol=1e-9)
+
+
+def test_untracked_stats_are_synced_in_eval(tmp_path):
+    run_distributed(_untracked_eval_syncs, 2, tmp_path)
+
+
+def _sub_groups(rank, world):
+    group = new_groups(2)
+    block = rank // 2
+    sizes = [2, 5]
+    x, dy = global_batch(block, sum(sizes), 4)
+    ref = nn.BatchNorm2d(CHANNELS).double()
+    xr = x.clone().requires_grad_()
+    ref(xr).backward(dy)
+    bn = SyncBatchNorm(CHANNELS, process_group=group).double()
+    mine = rank_slice(sizes, rank % 2)
+    xs = x[mine].clone().requires_grad_()
+    y = bn(xs)
+    y.backward(dy[mine])
+    assert_close(xs.grad, xr.grad[mine], atol=1e-9, rtol=1e-9)
+    assert_close(bn.running_var, ref.running_var, atol=1e-9, rtol=1e-9)
+    with pytest.raises(ValueError, match="expected group_size to divide the group size 4"):
+        new_groups(3)
+
+
+def test_sub_groups_sync_within_their_block(tmp_path):
+    run_distributed(_sub_groups, 4, tmp_path)
+
+
+def _not_a_member(rank, world):
+    only_zero = dist.new_group([0])
+    bn = SyncBatchNorm(CHANNELS, process_group=only_zero)
+    if rank == 1:
+        with pytest.raises(ValueError, match="expected this process to be a member of process_group"):
+            bn(torch.randn(4, CHANNELS))
+        bn.eval()(torch.randn(4, CHANNELS))
+    dist.barrier()
+
+
+def test_group_without_this_rank_is_an_error(tmp_path):
+    run_distributed(_not_a_member, 2, tmp_path)
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.BatchNorm2d(4))
+
+
+def _low_precision(rank, world):
+    sizes = [3, 5]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(sum(sizes), 3, 10, 10, generator=g) * 4 + 20
+    ref = _model().double()
+    expected = ref(x.double())
+    model = convert_sync_batchnorm(_model())
+    mine = rank_slice(sizes, rank)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x[mine])
+    assert y.dtype == torch.bfloat16
+    assert_close(y.double(), expected[mine], atol=0.15, rtol=0.05)
+    y.float().sum().backward()
+    assert_close(model[1].running_mean.double(), ref[1].running_mean, atol=0.05, rtol=0.01)
+
+    bn = SyncBatchNorm(3)
+    for dtype in (torch.float16, torch.bfloat16):
+        y = bn(x[mine].to(dtype))
+        assert y.dtype == dtype
+
+
+def test_autocast_and_half_inputs(tmp_path):
+    run_distributed(_low_precision, 2, tmp_path)
+
+
+def _compiled(rank, world):
+    sizes = [3, 5]
+    x = torch.randn(sum(sizes), 3, 10, 10, generator=torch.Generator().manual_seed(0))
+    mine = rank_slice(sizes, rank)
+    eager = convert_sync_batchnorm(_model())
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model)
+    for _ in range(2):
+        y_eager, y_compiled = eager(x[mine]), compiled(x[mine])
+        assert_close(y_compiled, y_eager)
+        y_eager.sum().backward()
+        y_compiled.sum().backward()
+    assert_close(compiled_model.state_dict(), eager.state_dict())
+    assert_close(compiled_model[0].weight.grad, eager[0].weight.grad)
+
+
+def test_torch_compile_matches_eager(tmp_path):
+    run_distributed(_compiled, 2, tmp_path, timeout=240)

@@ -29,14 +29,10 @@ def _acc_dtype(input: torch.Tensor) -> torch.dtype:
     return torch.float64 if input.dtype == torch.float64 else torch.float32
 
 
-def _broadcast_shape(input: torch.Tensor) -> tuple[int, ...]:
-    return (1, input.size(1)) + (1,) * (input.dim() - 2)
-
-
 def _local_moments(input: torch.Tensor) -> torch.Tensor:
     """This rank's (n, Σx, Σx²) per channel, packed as 2C+1 float64 numbers."""
     channels = input.size(1)
-    n = input.numel() // channels if channels else 0
+    n = input.numel() // channels
     if n == 0:
         # An empty rank still joins the collective, so that its peers are not left waiting.
         return torch.zeros(2 * channels + 1, dtype=torch.float64, device=input.device)
@@ -46,9 +42,9 @@ def _local_moments(input: torch.Tensor) -> torch.Tensor:
         mean, var = torch.batch_norm_update_stats(input, dummy[0], dummy[1], 0.0)
     else:
         mean, var = torch.batch_norm_update_stats(input, None, None, 0.0)
-    mean, var = mean.double(), var.double()
-    count = mean.new_full((1,), n)
-    return torch.cat([count, mean * n, (var + mean * mean) * n])
+    packed = torch.cat([mean.new_ones(1), mean, var]).double()
+    packed[channels + 1 :].addcmul_(packed[1 : channels + 1], packed[1 : channels + 1])
+    return packed.mul_(n)
 
 
 def _update_running_stats(
@@ -69,9 +65,21 @@ def _update_running_stats(
     if count == 0:
         return
     factor = 1.0 / float(num_batches_tracked) if momentum is None else momentum
-    unbiased = var * (count / (count - 1))
-    running_mean.copy_(mean * factor + running_mean.double() * (1 - factor))
-    running_var.copy_(unbiased * factor + running_var.double() * (1 - factor))
+    running_mean.lerp_(mean.to(running_mean.dtype), factor)
+    running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), factor)
+
+
+def _affine(input: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """alpha·x + beta per channel, in one pass, keeping the input's dtype and memory format.
+
+    Eval-mode batch norm with zero mean and unit variance is exactly this map, and it
+    applies float32 coefficients to fp16/bf16 input without a cast. For (N, C) input its
+    per-element loop is slow, and a broadcast addcmul is the faster single pass.
+    """
+    if input.dim() == 2 and input.dtype not in _HALF:
+        return torch.addcmul(beta, input, alpha)
+    zero, one = alpha.new_zeros(alpha.shape), alpha.new_ones(alpha.shape)
+    return torch.batch_norm(input, alpha, beta, zero, one, False, 0.0, 0.0, False)
 
 
 class _SyncBatchNorm(torch.autograd.Function):
@@ -89,33 +97,36 @@ class _SyncBatchNorm(torch.autograd.Function):
                 "expected more than 1 value per channel in the global batch when training "
                 f"(got 1; this rank's input size {list(input.shape)})"
             )
-        mean = var = None
-        if count:
-            mean = moments[1 : channels + 1] / count
-            var = (moments[channels + 1 :] / count - mean * mean).clamp_(min=0)
-        if running_mean is not None:
-            _update_running_stats(running_mean, running_var, num_batches_tracked, momentum, count, mean, var)
-        ctx.comm, ctx.eps, ctx.count = comm, eps, count
+        ctx.comm, ctx.count = comm, count
         if count == 0:
+            if running_mean is not None:
+                _update_running_stats(running_mean, running_var, num_batches_tracked, momentum, 0, None, None)
             ctx.save_for_backward(input, None, None, None)
             return torch.empty_like(input)
-        acc = _acc_dtype(input)
-        mean, var = mean.to(acc), var.to(acc)
-        weight = weight.to(acc) if weight is not None else None
-        bias = bias.to(acc) if bias is not None else None
-        ctx.save_for_backward(input, weight, mean, var)
-        return F.batch_norm(input, mean, var, weight, bias, False, 0.0, eps)
+        moments = moments[1:].div_(count)
+        mean = moments[:channels]
+        # var = E[x²] − E[x]², exact enough in float64; clamped, as rounding can dip below 0.
+        moments[channels:].addcmul_(mean, mean, value=-1).clamp_(min=0)
+        moments = moments.to(_acc_dtype(input))
+        mean, var = moments[:channels], moments[channels:]
+        if running_mean is not None:
+            _update_running_stats(running_mean, running_var, num_batches_tracked, momentum, count, mean, var)
+        invstd = (var + eps).rsqrt_()
+        scale = invstd if weight is None else invstd * weight
+        shift = -mean * scale if bias is None else torch.addcmul(bias, mean, scale, value=-1)
+        ctx.save_for_backward(input, mean, invstd, scale)
+        return _affine(input, scale, shift)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        input, weight, mean, var = ctx.saved_tensors
-        channels = input.size(1)
+        input, mean, invstd, scale = ctx.saved_tensors
         if input.numel():
             _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-                grad_output, input, weight, mean, var, None, None, False, ctx.eps, [False, True, True]
+                grad_output, input, None, None, None, mean, invstd, True, 0.0, [False, True, True]
             )
         else:
+            channels = input.size(1)
             sum_dy_xhat = sum_dy = torch.zeros(channels, dtype=_acc_dtype(input), device=input.device)
 
         grad_input = None
@@ -123,25 +134,18 @@ class _SyncBatchNorm(torch.autograd.Function):
             sums = torch.cat([sum_dy, sum_dy_xhat]).double()
             ctx.comm.all_reduce_(sums)
             if input.numel():
-                grad_input = _grad_input(input, grad_output, weight, mean, var, ctx.eps, sums / ctx.count)
+                # dx = s·dy − s·mean(dy) − s·x̂·mean(dy·x̂) with s = weight·invstd and x̂ = (x−mean)·invstd:
+                # one affine pass over x, then addcmul_ adds s·dy.
+                terms = sums.div_(-ctx.count).to(scale.dtype).view(2, -1).mul_(scale)  # −s·mean(dy), −s·mean(dy·x̂)
+                alpha = terms[1] * invstd
+                beta = torch.addcmul(terms[0], mean, alpha, value=-1)
+                grad_input = _affine(input, alpha, beta)
+                grad_input.addcmul_(grad_output, scale.view((1, -1) + (1,) * (input.dim() - 2)))
             else:
                 grad_input = torch.empty_like(input)
         grad_weight = sum_dy_xhat if ctx.needs_input_grad[1] else None
         grad_bias = sum_dy if ctx.needs_input_grad[2] else None
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
-
-
-def _grad_input(input, grad_output, weight, mean, var, eps, means):
-    """dx = a·dy − k·(x − mean) − a·mean(dy), in two fused passes over the data."""
-    channels = input.size(1)
-    mean_dy, mean_dy_xhat = means[:channels], means[channels:]
-    invstd = (var.double() + eps).rsqrt()
-    a = invstd if weight is None else invstd * weight.double()
-    k = a * invstd * mean_dy_xhat
-    acc = mean.dtype
-    # Eval-mode batch norm with unit variance and eps=0 is exactly the affine map −k·(x−mean)+c.
-    out = F.batch_norm(input, mean, torch.ones_like(mean), (-k).to(acc), (-a * mean_dy).to(acc), False, 0.0, 0.0)
-    return out.addcmul_(grad_output, a.to(acc).view(_broadcast_shape(input)))
 
 
 @torch.compiler.disable

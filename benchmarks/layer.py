@@ -1,0 +1,202 @@
+"""Layer benchmark: forward+backward of one BatchNorm layer, per rank, 1 thread.
+
+Two measurements, each taken side by side in one run:
+
+* compute: syncbn's synchronized code path with the all-reduce made a no-op (LocalComm)
+  against local ``nn.BatchNorm`` on the same tensor, so the ratio is pure compute;
+* W=2 Gloo ranks: syncbn against a textbook SyncBN (a differentiable all-reduce of
+  [mean, E[x²]]·n through generic autograd ops, as detectron2's NaiveSyncBatchNorm does),
+  with local BatchNorm and the bare all-reduce latency alongside.
+
+    python benchmarks/layer.py            # full run, writes benchmarks/results/layer.json
+    python benchmarks/layer.py --quick    # small shapes, a few seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+import torch.multiprocessing as mp
+from torch import nn
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, median_ms, time_interleaved, write_json  # noqa: E402
+
+from syncbn import SyncBatchNorm  # noqa: E402
+from syncbn.comm import LocalComm  # noqa: E402
+from syncbn.functional import sync_batch_norm  # noqa: E402
+
+FULL = {
+    "shapes": [(32, 64, 56, 56), (32, 256, 14, 14), (8, 64, 32, 32), (256, 1024)],
+    "reps": 21,
+}
+QUICK = {"shapes": [(8, 16, 16, 16), (64, 128)], "reps": 5}
+
+
+class TextbookSyncBN(nn.Module):
+    """The usual home-made SyncBN: E[x] and E[x²] all-reduced with autograd, all in fp32."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = [0, *range(2, x.dim())]
+        channels = x.size(1)
+        n = x.numel() // channels
+        mean = x.mean(dims)
+        meansqr = (x * x).mean(dims)
+        vec = dist_fn.all_reduce(torch.cat([mean, meansqr]) * n)
+        total = n * dist.get_world_size()
+        mean, meansqr = (vec / total).split(channels)
+        var = meansqr - mean * mean
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * total / (total - 1), self.momentum)
+        scale = self.weight * (var + self.eps).rsqrt()
+        shift = self.bias - mean * scale
+        view = (1, channels) + (1,) * (x.dim() - 2)
+        return x * scale.view(view) + shift.view(view)
+
+
+class ComputePath(nn.Module):
+    """syncbn's synchronized code path with a no-op all-reduce: compute without latency."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.bn = SyncBatchNorm(num_features)
+        self.comm = LocalComm()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.bn
+        return sync_batch_norm(
+            x, m.weight, m.bias, m.running_mean, m.running_var, m.num_batches_tracked, m.momentum, m.eps, self.comm
+        )
+
+
+def _local_bn(shape: tuple[int, ...]) -> nn.Module:
+    return nn.BatchNorm1d(shape[1]) if len(shape) <= 3 else nn.BatchNorm2d(shape[1])
+
+
+def _inputs(shape, channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
+    dy = torch.randn(shape).contiguous(memory_format=fmt)
+    return x, dy
+
+
+def _step(layer, x, dy):
+    def run() -> None:
+        x.grad = None
+        layer(x).backward(dy)
+
+    return run
+
+
+def _cases(shapes):
+    return [(shape, cl) for shape in shapes for cl in ((False, True) if len(shape) == 4 else (False,))]
+
+
+def _label(shape, channels_last):
+    return "x".join(map(str, shape)) + (" channels_last" if channels_last else "")
+
+
+def _row(shape, channels_last, samples, base):
+    medians = {name: median_ms(times) for name, times in samples.items()}
+    return {
+        "shape": list(shape),
+        "channels_last": channels_last,
+        "median_ms": medians,
+        "ratio_to_" + base: {name: medians[name] / medians[base] for name in medians},
+        "samples_s": samples,
+    }
+
+
+def compute_path(config) -> list[dict]:
+    torch.set_num_threads(1)
+    rows = []
+    for shape, cl in tqdm(_cases(config["shapes"]), desc="compute path (1 process)", file=sys.stderr):
+        x, dy = _inputs(shape, cl)
+        variants = {"nn.BatchNorm": _local_bn(shape), "syncbn compute": ComputePath(shape[1])}
+        samples = time_interleaved({name: _step(m, x, dy) for name, m in variants.items()}, config["reps"])
+        rows.append(_row(shape, cl, samples, base="nn.BatchNorm"))
+    return rows
+
+
+def _gloo_rank(rank, world, store, config, queue):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
+    rows = []
+    cases = _cases(config["shapes"])
+    for shape, cl in tqdm(cases, desc=f"W={world} Gloo", file=sys.stderr, disable=rank != 0):
+        torch.manual_seed(rank)
+        x, dy = _inputs(shape, cl)
+        variants = {
+            "nn.BatchNorm (local)": _local_bn(shape),
+            "syncbn": SyncBatchNorm(shape[1]),
+            "textbook SyncBN": TextbookSyncBN(shape[1]),
+        }
+        steps = {name: _step(m, x, dy) for name, m in variants.items()}
+        buffer = torch.zeros(2 * shape[1] + 1, dtype=torch.float64)
+        steps["all-reduce 2C+1 doubles"] = lambda b=buffer: dist.all_reduce(b)
+        samples = time_interleaved(steps, config["reps"])
+        rows.append(_row(shape, cl, samples, base="syncbn"))
+    if rank == 0:
+        queue.put(rows)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def gloo(config, world: int = 2) -> list[dict]:
+    queue = mp.get_context("spawn").SimpleQueue()
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(
+            _gloo_rank, args=(world, os.path.join(tmp, "store"), config, queue), nprocs=world, start_method="spawn"
+        )
+    return queue.get()
+
+
+def _table(title, rows, columns, base):
+    print(f"\n{title}")
+    print("| shape | " + " | ".join(f"{c} (ms)" for c in columns) + f" | ratio to {base} |")
+    print("|---" * (len(columns) + 2) + "|")
+    for row in rows:
+        ratios = ", ".join(f"{c}: {row['ratio_to_' + base][c]:.2f}" for c in columns if c != base)
+        cells = " | ".join(f"{row['median_ms'][c]:.2f}" for c in columns)
+        print(f"| {_label(row['shape'], row['channels_last'])} | {cells} | {ratios} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shapes and few repetitions (smoke run)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for layer.json (default: %(default)s)")
+    args = parser.parse_args()
+    config = QUICK if args.quick else FULL
+    compute = compute_path(config)
+    distributed = gloo(config)
+    _table("Compute path, 1 process, 1 thread (median fwd+bwd)", compute, list(compute[0]["median_ms"]), "nn.BatchNorm")
+    _table(
+        "W=2 Gloo ranks, 1 thread each (median fwd+bwd per rank)",
+        distributed,
+        ["syncbn", "textbook SyncBN", "nn.BatchNorm (local)", "all-reduce 2C+1 doubles"],
+        "syncbn",
+    )
+    payload = {"config": {**config, "world": 2}, "compute_path": compute, "gloo_w2": distributed}
+    path = write_json(args.results / "layer.json", payload)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.multiprocessing as mp
 from torch import nn
 from tqdm import tqdm
@@ -39,6 +38,22 @@ FULL = {
     "reps": 21,
 }
 QUICK = {"shapes": [(8, 16, 16, 16), (64, 128)], "reps": 5}
+
+
+class _AllReduce(torch.autograd.Function):
+    """Differentiable sum over ranks, as in detectron2's layers/batch_norm.py."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
 
 
 class TextbookSyncBN(nn.Module):
@@ -58,7 +73,7 @@ class TextbookSyncBN(nn.Module):
         n = x.numel() // channels
         mean = x.mean(dims)
         meansqr = (x * x).mean(dims)
-        vec = dist_fn.all_reduce(torch.cat([mean, meansqr]) * n)
+        vec = _AllReduce.apply(torch.cat([mean, meansqr]) * n)
         total = n * dist.get_world_size()
         mean, meansqr = (vec / total).split(channels)
         var = meansqr - mean * mean

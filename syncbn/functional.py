@@ -14,7 +14,6 @@ computation. Weight and bias gradients stay local: DDP averages them.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .comm import Communicator

@@ -15,7 +15,11 @@ Two measurements, each taken side by side in one run:
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -30,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, median_ms, time_interleaved, write_json  # noqa: E402
 
 from syncbn import SyncBatchNorm  # noqa: E402
-from syncbn.comm import LocalComm  # noqa: E402
+from syncbn.comm import LocalComm, resolve  # noqa: E402
 from syncbn.functional import sync_batch_norm  # noqa: E402
 
 FULL = {
@@ -150,24 +154,30 @@ def compute_path(config) -> list[dict]:
     return rows
 
 
-def _gloo_rank(rank, world, store, config, queue):
+def _rank_rows(rank: int, world: int, group, config, backend: str) -> list[dict]:
+    """This rank's timings of every variant, for every shape; ``group`` is syncbn's process_group."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
+    comm = resolve(group)
     rows = []
-    cases = _cases(config["shapes"])
-    for shape, cl in tqdm(cases, desc=f"W={world} Gloo", file=sys.stderr, disable=rank != 0):
+    for shape, cl in tqdm(_cases(config["shapes"]), desc=f"W={world} {backend}", file=sys.stderr, disable=rank != 0):
         torch.manual_seed(rank)
         x, dy = _inputs(shape, cl)
         variants = {
             "nn.BatchNorm (local)": _local_bn(shape),
-            "syncbn": SyncBatchNorm(shape[1]),
-            "textbook SyncBN": TextbookSyncBN(shape[1]),
+            f"syncbn {backend}": SyncBatchNorm(shape[1], process_group=group),
         }
+        if backend == "Gloo":
+            variants["textbook SyncBN Gloo"] = TextbookSyncBN(shape[1])
         steps = {name: _step(m, x, dy) for name, m in variants.items()}
         buffer = torch.zeros(2 * shape[1] + 1, dtype=torch.float64)
-        steps["all-reduce 2C+1 doubles"] = lambda b=buffer: dist.all_reduce(b)
-        samples = time_interleaved(steps, config["reps"])
-        rows.append(_row(shape, cl, samples, base="syncbn"))
+        steps[f"all-reduce 2C+1 {backend}"] = lambda b=buffer: comm.all_reduce_(b)
+        rows.append(_row(shape, cl, time_interleaved(steps, config["reps"]), base=f"syncbn {backend}"))
+    return rows
+
+
+def _gloo_rank(rank, world, store, config, queue):
+    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
+    rows = _rank_rows(rank, world, None, config, "Gloo")
     if rank == 0:
         queue.put(rows)
     dist.barrier()
@@ -183,6 +193,28 @@ def gloo(config, world: int = 2) -> list[dict]:
     return queue.get()
 
 
+def mpi(config, world: int = 2) -> list[dict] | None:
+    """The same measurement under mpiexec with an mpi4py communicator; None without MPI."""
+    mpiexec = shutil.which("mpiexec", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    if mpiexec is None or importlib.util.find_spec("mpi4py") is None:
+        print("MPI skipped: no mpiexec or mpi4py (pip install .[mpi])", file=sys.stderr)
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rows.json"
+        command = [mpiexec, "-n", str(world), sys.executable, __file__, "--mpi-worker", str(out)]
+        subprocess.run(command + (["--quick"] if config is QUICK else []), check=True)
+        return json.loads(out.read_text())
+
+
+def _mpi_worker(out: Path, config) -> None:
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rows = _rank_rows(comm.rank, comm.size, comm, config, "MPI")
+    if comm.rank == 0:
+        out.write_text(json.dumps(rows))
+
+
 def _table(title, rows, columns, base):
     print(f"\n{title}")
     print("| shape | " + " | ".join(f"{c} (ms)" for c in columns) + f" | ratio to {base} |")
@@ -193,22 +225,36 @@ def _table(title, rows, columns, base):
         print(f"| {_label(row['shape'], row['channels_last'])} | {cells} | {ratios} |")
 
 
+def _merge(*runs: list[dict] | None) -> list[dict]:
+    """One row per case with every backend's medians side by side."""
+    merged: list[dict] = []
+    for rows in filter(None, runs):
+        for i, row in enumerate(rows):
+            if i == len(merged):
+                merged.append({"shape": row["shape"], "channels_last": row["channels_last"], "median_ms": {}})
+            merged[i]["median_ms"].update(row["median_ms"])
+    for row in merged:
+        medians = row["median_ms"]
+        row["ratio_to_syncbn Gloo"] = {name: ms / medians["syncbn Gloo"] for name, ms in medians.items()}
+    return merged
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes and few repetitions (smoke run)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for layer.json (default: %(default)s)")
+    parser.add_argument("--mpi-worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     config = QUICK if args.quick else FULL
+    if args.mpi_worker:
+        _mpi_worker(args.mpi_worker, config)
+        return
     compute = compute_path(config)
-    distributed = gloo(config)
+    gloo_rows, mpi_rows = gloo(config), mpi(config)
     _table("Compute path, 1 process, 1 thread (median fwd+bwd)", compute, list(compute[0]["median_ms"]), "nn.BatchNorm")
-    _table(
-        "W=2 Gloo ranks, 1 thread each (median fwd+bwd per rank)",
-        distributed,
-        ["syncbn", "textbook SyncBN", "nn.BatchNorm (local)", "all-reduce 2C+1 doubles"],
-        "syncbn",
-    )
-    payload = {"config": {**config, "world": 2}, "compute_path": compute, "gloo_w2": distributed}
+    merged = _merge(gloo_rows, mpi_rows)
+    _table("W=2 ranks, 1 thread each (median fwd+bwd per rank)", merged, list(merged[0]["median_ms"]), "syncbn Gloo")
+    payload = {"config": {**config, "world": 2}, "compute_path": compute, "gloo_w2": gloo_rows, "mpi_w2": mpi_rows}
     path = write_json(args.results / "layer.json", payload)
     print(f"\nwrote {path}")
 

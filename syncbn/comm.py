@@ -7,12 +7,16 @@ math in `functional.py` never knows which backend carries the numbers.
 
 from __future__ import annotations
 
+import os
+from datetime import timedelta
 from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Communicator", "LocalComm", "TorchComm", "MPIComm", "resolve", "new_groups"]
+from .placement import discover
+
+__all__ = ["Communicator", "LocalComm", "TorchComm", "MPIComm", "resolve", "new_groups", "init", "shutdown"]
 
 
 class Communicator(Protocol):
@@ -131,3 +135,35 @@ def new_groups(group_size: int, process_group: Any = None) -> Any:
     blocks = [ranks[i : i + group_size] for i in range(0, size, group_size)]
     mine, _ = dist.new_subgroups_by_enumeration(blocks)
     return mine
+
+
+def init(backend: str = "auto", timeout: timedelta = timedelta(minutes=10)) -> Any:
+    """Join the job this process was launched into; return its ``process_group=`` value.
+
+    ``backend="mpi"`` returns ``MPI.COMM_WORLD``. Otherwise torch.distributed is set up
+    from the launcher's variables (torchrun, Open MPI, MPICH, SLURM), with NCCL when CUDA
+    is available and Gloo when not, and the default group (``None``) is returned. The
+    rendezvous address defaults to loopback (127.0.0.1:29500) unless MASTER_ADDR and
+    MASTER_PORT say otherwise. ``timeout`` bounds how long a collective waits for a peer.
+    """
+    if backend == "mpi":
+        from mpi4py import MPI
+
+        return MPI.COMM_WORLD
+    place = discover()
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(place.local_rank)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    dist.init_process_group(
+        backend, init_method="env://", rank=place.rank, world_size=place.world_size, timeout=timeout
+    )
+    return None
+
+
+def shutdown(process_group: Any = None) -> None:
+    """Leave the job joined by `init` (a no-op for MPI, which finalizes at exit)."""
+    if not _is_mpi_comm(process_group) and dist.is_initialized():
+        dist.destroy_process_group()

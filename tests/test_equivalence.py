@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 from cases import CHANNELS, global_batch, local_bn_class, memory_format, rank_slice
 from distributed import run_distributed
 from torch.testing import assert_close
 
 from syncbn import SyncBatchNorm
+from syncbn.comm import resolve
 
 SIZES = {1: [7], 2: [0, 7], 3: [3, 0, 4]}
 
@@ -19,7 +19,7 @@ def _close(actual, expected, label):
     assert_close(actual, expected, atol=1e-9, rtol=1e-9, msg=lambda m: f"{label}\n{m}")
 
 
-def _check(rank, world, dims, channels_last, affine, momentum, steps=2):
+def _check(rank, world, dims, channels_last, affine, momentum, group=None, steps=2):
     sizes = SIZES[world]
     fmt = memory_format(dims, channels_last)
     torch.manual_seed(0)
@@ -28,7 +28,7 @@ def _check(rank, world, dims, channels_last, affine, momentum, steps=2):
         with torch.no_grad():
             ref.weight.uniform_(0.5, 1.5)
             ref.bias.uniform_(-1, 1)
-    sync = SyncBatchNorm(CHANNELS, affine=affine, momentum=momentum).double()
+    sync = SyncBatchNorm(CHANNELS, affine=affine, momentum=momentum, process_group=group).double()
     sync.load_state_dict(ref.state_dict())
     case = f"dims={dims} channels_last={channels_last} affine={affine} momentum={momentum} rank={rank}"
     mine = rank_slice(sizes, rank)
@@ -51,7 +51,7 @@ def _check(rank, world, dims, channels_last, affine, momentum, steps=2):
         if affine:
             for name in ("weight", "bias"):
                 grad = getattr(sync, name).grad.clone()
-                dist.all_reduce(grad)
+                resolve(group).all_reduce_(grad)
                 _close(grad, getattr(ref, name).grad, f"{case}: d{name}")
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             _close(getattr(sync, name), getattr(ref, name), f"{case}: {name}")
@@ -63,11 +63,11 @@ def _check(rank, world, dims, channels_last, affine, momentum, steps=2):
         _close(sync(x[mine]), ref(x)[mine], f"{case}: eval")
 
 
-def _spec_worker(rank, world, dims):
+def spec_worker(rank, world, dims, group=None):
     for channels_last in (False, True) if dims >= 4 else (False,):
         for affine in (True, False):
             for momentum in (0.1, None):
-                _check(rank, world, dims, channels_last, affine, momentum)
+                _check(rank, world, dims, channels_last, affine, momentum, group)
 
 
 @pytest.mark.distributed
@@ -75,4 +75,4 @@ def _spec_worker(rank, world, dims):
 @pytest.mark.parametrize("dims", [2, 3, 4, 5])
 def test_matches_batchnorm_on_global_batch(tmp_path, world, dims):
     """Every layout (channels_last too), affine on/off and momentum 0.1/None, in fp64 to 1e-9."""
-    run_distributed(_spec_worker, world, tmp_path, dims)
+    run_distributed(spec_worker, world, tmp_path, dims)

@@ -13,6 +13,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from syncbn import SyncBatchNorm, convert_sync_batchnorm, new_groups
+from syncbn.comm import resolve
 
 pytestmark = pytest.mark.distributed
 
@@ -21,8 +22,8 @@ def _snapshot(module):
     return copy.deepcopy(module.state_dict())
 
 
-def _empty_global_batch(rank, world):
-    bn = SyncBatchNorm(CHANNELS).double()
+def empty_global_batch(rank, world, group=None):
+    bn = SyncBatchNorm(CHANNELS, process_group=group).double()
     before = _snapshot(bn)
     x = torch.randn(0, CHANNELS, 3, dtype=torch.float64, requires_grad=True)
     y = bn(x)
@@ -35,11 +36,11 @@ def _empty_global_batch(rank, world):
 
 
 def test_empty_global_batch(tmp_path):
-    run_distributed(_empty_global_batch, 3, tmp_path)
+    run_distributed(empty_global_batch, 3, tmp_path)
 
 
-def _one_value_per_channel(rank, world):
-    bn = SyncBatchNorm(CHANNELS)
+def one_value_per_channel(rank, world, group=None):
+    bn = SyncBatchNorm(CHANNELS, process_group=group)
     before = _snapshot(bn)
     x = torch.randn(1 if rank == 1 else 0, CHANNELS)
     with pytest.raises(ValueError, match="expected more than 1 value per channel in the global batch"):
@@ -50,7 +51,7 @@ def _one_value_per_channel(rank, world):
 
 
 def test_one_value_per_channel_raises_on_every_rank(tmp_path):
-    run_distributed(_one_value_per_channel, 3, tmp_path)
+    run_distributed(one_value_per_channel, 3, tmp_path)
 
 
 BAD = {
@@ -60,8 +61,8 @@ BAD = {
 }
 
 
-def _bad_input_on_one_rank(rank, world, kind):
-    bn = SyncBatchNorm(CHANNELS)
+def bad_input_on_one_rank(rank, world, kind, group=None):
+    bn = SyncBatchNorm(CHANNELS, process_group=group)
     before = _snapshot(bn)
     bad, error, message = BAD[kind]
     if rank == world - 1:
@@ -76,46 +77,46 @@ def _bad_input_on_one_rank(rank, world, kind):
 
 @pytest.mark.parametrize("kind", sorted(BAD))
 def test_bad_input_on_one_rank_raises_everywhere(tmp_path, kind):
-    run_distributed(_bad_input_on_one_rank, 3, tmp_path, kind, timeout=60)
+    run_distributed(bad_input_on_one_rank, 3, tmp_path, kind, timeout=60)
 
 
-def _eval_does_not_communicate(rank, world):
-    bn = SyncBatchNorm(CHANNELS).eval()
+def eval_does_not_communicate(rank, world, group=None):
+    bn = SyncBatchNorm(CHANNELS, process_group=group).eval()
     if rank == 0:
         for _ in range(5):
             bn(torch.randn(4, CHANNELS))
     # Had rank 0 issued any collective above, this one would pair with it and not sum to 1.
-    probe = torch.tensor([float(rank)])
-    dist.all_reduce(probe)
-    assert probe.item() == 1.0
+    probe = torch.tensor([float(rank)], dtype=torch.float64)
+    resolve(group).all_reduce_(probe)
+    assert probe.item() == world * (world - 1) / 2
 
 
 def test_eval_with_running_stats_does_not_communicate(tmp_path):
-    run_distributed(_eval_does_not_communicate, 2, tmp_path)
+    run_distributed(eval_does_not_communicate, 2, tmp_path)
 
 
-def _untracked_eval_syncs(rank, world):
-    sizes = [3, 5]
+def untracked_eval_syncs(rank, world, group=None):
+    sizes = [3, 5, 0][:world]
     x, _ = global_batch(0, sum(sizes), 3)
     ref = nn.BatchNorm1d(CHANNELS, track_running_stats=False).double().eval()
-    bn = SyncBatchNorm(CHANNELS, track_running_stats=False).double().eval()
+    bn = SyncBatchNorm(CHANNELS, track_running_stats=False, process_group=group).double().eval()
     with torch.no_grad():
         assert_close(bn(x[rank_slice(sizes, rank)]), ref(x)[rank_slice(sizes, rank)], atol=1e-9, rtol=1e-9)
 
 
 def test_untracked_stats_are_synced_in_eval(tmp_path):
-    run_distributed(_untracked_eval_syncs, 2, tmp_path)
+    run_distributed(untracked_eval_syncs, 2, tmp_path)
 
 
-def _sub_groups(rank, world):
-    group = new_groups(2)
+def sub_groups(rank, world, group=None):
+    pair = new_groups(2, group)
     block = rank // 2
     sizes = [2, 5]
     x, dy = global_batch(block, sum(sizes), 4)
     ref = nn.BatchNorm2d(CHANNELS).double()
     xr = x.clone().requires_grad_()
     ref(xr).backward(dy)
-    bn = SyncBatchNorm(CHANNELS, process_group=group).double()
+    bn = SyncBatchNorm(CHANNELS, process_group=pair).double()
     mine = rank_slice(sizes, rank % 2)
     xs = x[mine].clone().requires_grad_()
     y = bn(xs)
@@ -123,11 +124,11 @@ def _sub_groups(rank, world):
     assert_close(xs.grad, xr.grad[mine], atol=1e-9, rtol=1e-9)
     assert_close(bn.running_var, ref.running_var, atol=1e-9, rtol=1e-9)
     with pytest.raises(ValueError, match="expected group_size to divide the group size 4"):
-        new_groups(3)
+        new_groups(3, group)
 
 
 def test_sub_groups_sync_within_their_block(tmp_path):
-    run_distributed(_sub_groups, 4, tmp_path)
+    run_distributed(sub_groups, 4, tmp_path)
 
 
 def _not_a_member(rank, world):
@@ -149,13 +150,13 @@ def _model():
     return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.BatchNorm2d(4))
 
 
-def _low_precision(rank, world):
-    sizes = [3, 5]
+def low_precision(rank, world, group=None):
+    sizes = [3, 5, 0][:world]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(sum(sizes), 3, 10, 10, generator=g) * 4 + 20
     ref = _model().double()
     expected = ref(x.double())
-    model = convert_sync_batchnorm(_model())
+    model = convert_sync_batchnorm(_model(), group)
     mine = rank_slice(sizes, rank)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = model(x[mine])
@@ -164,14 +165,14 @@ def _low_precision(rank, world):
     y.float().sum().backward()
     assert_close(model[1].running_mean.double(), ref[1].running_mean, atol=0.05, rtol=0.01)
 
-    bn = SyncBatchNorm(3)
+    bn = SyncBatchNorm(3, process_group=group)
     for dtype in (torch.float16, torch.bfloat16):
         y = bn(x[mine].to(dtype))
         assert y.dtype == dtype
 
 
 def test_autocast_and_half_inputs(tmp_path):
-    run_distributed(_low_precision, 2, tmp_path)
+    run_distributed(low_precision, 2, tmp_path)
 
 
 def _compiled(rank, world):

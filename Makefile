@@ -1,0 +1,27 @@
+# Two entry points, each setting up its own virtual environment first:
+#   make demo   train on 2 Gloo ranks with SyncBatchNorm (launch/torchrun.sh 2)
+#   make test   lint and the full test suite, multi-process tests included
+# TORCH picks the torch build: the default pin is a CPU build on machines whose pip is
+# configured for it; elsewhere use e.g. TORCH="torch --index-url https://download.pytorch.org/whl/cpu".
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(abspath $(VENV))/bin
+
+.PHONY: demo test bench
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e ".[test,mpi,demo,bench]"
+	touch $@
+
+demo: $(VENV)/.installed
+	PATH="$(BIN):$$PATH" bash launch/torchrun.sh 2
+
+test: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	PATH="$(BIN):$$PATH" $(BIN)/python -m pytest -n auto
+
+bench: $(VENV)/.installed
+	PATH="$(BIN):$$PATH" $(BIN)/python benchmarks/layer.py

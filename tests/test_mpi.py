@@ -1,0 +1,67 @@
+"""The Gloo test bodies again, under a real ``mpiexec`` with an mpi4py communicator."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+mpi4py = pytest.importorskip("mpi4py", reason="the mpi extra is not installed (pip install .[mpi])")
+MPIEXEC = shutil.which("mpiexec", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+pytestmark = [
+    pytest.mark.mpi,
+    pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec on PATH (pip install .[mpi] provides one)"),
+]
+MAIN = Path(__file__).with_name("mpi_main.py")
+
+SPEC = [["test_equivalence", "spec_worker", [dims]] for dims in (2, 3, 4, 5)]
+SEMANTICS = [
+    ["test_semantics", "empty_global_batch", []],
+    ["test_semantics", "one_value_per_channel", []],
+    ["test_semantics", "bad_input_on_one_rank", ["channels"]],
+    ["test_semantics", "bad_input_on_one_rank", ["dtype"]],
+    ["test_semantics", "eval_does_not_communicate", []],
+    ["test_semantics", "untracked_eval_syncs", []],
+    ["test_semantics", "low_precision", []],
+    ["test_mpi", "not_a_member", []],
+]
+
+
+def mpiexec(world: int, cases: list, timeout: float = 120) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [MPIEXEC, "-n", str(world), sys.executable, str(MAIN), json.dumps(cases)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, f"mpiexec exited {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def not_a_member(rank, world, group):
+    from mpi4py import MPI
+
+    from syncbn import SyncBatchNorm
+
+    sub = group.Split(MPI.UNDEFINED if rank == 1 else 0)
+    if rank == 1:
+        with pytest.raises(ValueError, match="expected this process to be a member of process_group"):
+            SyncBatchNorm(3, process_group=sub)(__import__("torch").randn(4, 3))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_spec_under_mpiexec(world):
+    out = mpiexec(world, SPEC)
+    assert out.count("ok test_equivalence.spec_worker") == len(SPEC)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_semantics_under_mpiexec(world):
+    out = mpiexec(world, SEMANTICS)
+    assert out.count("\nok ") + out.startswith("ok ") == len(SEMANTICS)
+
+
+def test_sub_communicators_under_mpiexec():
+    mpiexec(4, [["test_semantics", "sub_groups", []]])

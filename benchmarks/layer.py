@@ -163,7 +163,7 @@ def _rank_rows(rank: int, world: int, group, config, backend: str) -> list[dict]
         torch.manual_seed(rank)
         x, dy = _inputs(shape, cl)
         variants = {
-            "nn.BatchNorm (local)": _local_bn(shape),
+            f"nn.BatchNorm (local, {backend} run)": _local_bn(shape),
             f"syncbn {backend}": SyncBatchNorm(shape[1], process_group=group),
         }
         if backend == "Gloo":

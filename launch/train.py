@@ -116,6 +116,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     group = syncbn_comm.init(args.backend)
+    try:
+        return train(args, group)
+    finally:
+        # After train() has returned, so that DDP has let go of the group first: a process
+        # group freed by DDP's destructor at exit can deadlock Gloo's worker threads.
+        syncbn_comm.shutdown(group)
+
+
+def train(args: argparse.Namespace, group) -> int:
     comm = syncbn_comm.resolve(group)
     lead = comm.rank == 0
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if args.backend == "nccl" else "cpu")
@@ -186,7 +195,6 @@ def main(argv=None) -> int:
             flush=True,
         )
     same = spread == 0.0 or args.norm != "syncbn"
-    syncbn_comm.shutdown(group)
     if not same:
         print("error: SyncBatchNorm running stats differ between ranks", file=sys.stderr)
     return 0 if same else 1

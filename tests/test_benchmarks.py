@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).parents[1]
+from processes import run_command
 
 
 @pytest.mark.distributed
 def test_layer_benchmark_quick(tmp_path):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    command = [sys.executable, "benchmarks/layer.py", "--quick", "--results", str(tmp_path)]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
-    assert result.returncode == 0, result.stderr
+    run_command([sys.executable, "benchmarks/layer.py", "--quick", "--results", str(tmp_path)])
     payload = json.loads((tmp_path / "layer.json").read_text())
     assert payload["machine"]["torch"]
     for row in payload["compute_path"] + payload["gloo_w2"]:

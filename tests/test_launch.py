@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from processes import PATH, run_command
 
 from syncbn.placement import Placement, discover
-
-ROOT = Path(__file__).parents[1]
-BIN = Path(sys.executable).parent
 
 
 @pytest.mark.parametrize(
@@ -35,26 +31,26 @@ def test_discover(env, expected):
     assert discover(env) == expected
 
 
-def _run(command, timeout=240, **env):
-    environ = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **env}
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=environ)
-    assert result.returncode == 0, f"{command} exited {result.returncode}\n{result.stdout}\n{result.stderr}"
-    return result.stdout
-
-
 @pytest.mark.distributed
 def test_demo_through_torchrun_with_checkpoint_resume(tmp_path):
     checkpoint = tmp_path / "digits.pt"
-    first = _run(["bash", "launch/torchrun.sh", "2", "--epochs", "1", "--checkpoint", str(checkpoint)])
+    first = run_command(["bash", "launch/torchrun.sh", "2", "--epochs", "1", "--checkpoint", str(checkpoint)])
     assert "epoch  1" in first and checkpoint.exists()
-    second = _run(["bash", "launch/torchrun.sh", "2", "--epochs", "2", "--checkpoint", str(checkpoint), "--resume"])
+    second = run_command(
+        ["bash", "launch/torchrun.sh", "2", "--epochs", "2", "--checkpoint", str(checkpoint), "--resume"]
+    )
     assert "resumed from" in second and "epoch  2" in second and "epoch  1 " not in second
     assert second.rstrip().endswith("running stats differ across ranks by 0")
 
 
 @pytest.mark.mpi
-@pytest.mark.skipif(shutil.which("mpiexec", path=f"{BIN}{os.pathsep}{os.environ['PATH']}") is None, reason="no mpiexec")
+@pytest.mark.skipif(shutil.which("mpiexec", path=PATH) is None, reason="no mpiexec on PATH (pip install .[mpi])")
 def test_demo_through_mpirun():
     pytest.importorskip("mpi4py", reason="the mpi extra is not installed")
-    out = _run(["bash", "launch/mpirun.sh", "2", "--epochs", "2"])
+    out = run_command(["bash", "launch/mpirun.sh", "2", "--epochs", "2"])
     assert "via MPIComm" in out and out.rstrip().endswith("running stats differ across ranks by 0")
+
+
+def test_import_does_not_need_mpi4py():
+    code = "import sys, syncbn; assert 'mpi4py' not in sys.modules, 'syncbn imported mpi4py'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

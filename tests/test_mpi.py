@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from processes import PATH, run_command
 
 mpi4py = pytest.importorskip("mpi4py", reason="the mpi extra is not installed (pip install .[mpi])")
-MPIEXEC = shutil.which("mpiexec", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+MPIEXEC = shutil.which("mpiexec", path=PATH)
 pytestmark = [
     pytest.mark.mpi,
     pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec on PATH (pip install .[mpi] provides one)"),
@@ -32,12 +31,8 @@ SEMANTICS = [
 ]
 
 
-def mpiexec(world: int, cases: list, timeout: float = 120) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [MPIEXEC, "-n", str(world), sys.executable, str(MAIN), json.dumps(cases)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-    assert result.returncode == 0, f"mpiexec exited {result.returncode}\n{result.stdout}\n{result.stderr}"
-    return result.stdout
+def mpiexec(world: int, cases: list) -> str:
+    return run_command([MPIEXEC, "-n", str(world), sys.executable, str(MAIN), json.dumps(cases)], timeout=120)
 
 
 def not_a_member(rank, world, group):

@@ -14,14 +14,22 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 
 
-def time_interleaved(variants: dict[str, Callable[[], None]], reps: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds per call of each variant, taken in round-robin so drift hits all alike."""
+def time_interleaved(
+    variants: dict[str, Callable[[], None]], reps: int, warmup: int = 2, before: Callable[[], None] | None = None
+) -> dict[str, list[float]]:
+    """Seconds per call of each variant, taken in round-robin so drift hits all alike.
+
+    ``before`` runs untimed ahead of every call; on several ranks, a barrier there makes
+    each sample start together, so it holds the call's own cost and not a peer's lag.
+    """
     for fn in variants.values():
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(reps):
         for name, fn in variants.items():
+            if before is not None:
+                before()
             start = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - start)

@@ -171,7 +171,9 @@ def _rank_rows(rank: int, world: int, group, config, backend: str) -> list[dict]
         steps = {name: _step(m, x, dy) for name, m in variants.items()}
         buffer = torch.zeros(2 * shape[1] + 1, dtype=torch.float64)
         steps[f"all-reduce 2C+1 {backend}"] = lambda b=buffer: comm.all_reduce_(b)
-        rows.append(_row(shape, cl, time_interleaved(steps, config["reps"]), base=f"syncbn {backend}"))
+        token = torch.zeros(1, dtype=torch.float64)
+        samples = time_interleaved(steps, config["reps"], before=lambda t=token: comm.all_reduce_(t))
+        rows.append(_row(shape, cl, samples, base=f"syncbn {backend}"))
     return rows
 
 

@@ -79,8 +79,8 @@ class SyncBatchNorm(_BatchNorm):
         self.process_group = process_group
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+        # _BatchNorm's hook; forward has already checked the input, before any collective.
+        pass
 
     def _input_error(self, input: torch.Tensor) -> Exception | None:
         if input.dim() < 2:

@@ -7,6 +7,7 @@ exactly torch's own BatchNorm; when it does, `functional.sync_batch_norm` does t
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -119,6 +120,15 @@ class SyncBatchNorm(_BatchNorm):
             self.eps,
             comm,
         )
+
+    def __deepcopy__(self, memo: dict) -> SyncBatchNorm:
+        # A process group is a handle on other processes, not state: copies (an EMA model,
+        # say) share it, where deep-copying a ProcessGroup would fail.
+        memo[id(self.process_group)] = self.process_group
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__dict__, memo))
+        return new
 
     def extra_repr(self) -> str:
         group = "" if self.process_group is None else f", process_group={type(self.process_group).__name__}"

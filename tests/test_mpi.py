@@ -27,6 +27,7 @@ SEMANTICS = [
     ["test_semantics", "eval_does_not_communicate", []],
     ["test_semantics", "untracked_eval_syncs", []],
     ["test_semantics", "low_precision", []],
+    ["test_semantics", "deep_copy_shares_the_group", []],
     ["test_mpi", "not_a_member", []],
 ]
 

@@ -141,6 +141,19 @@ def _not_a_member(rank, world):
     dist.barrier()
 
 
+def deep_copy_shares_the_group(rank, world, group=None):
+    pair = new_groups(world, group)
+    model = convert_sync_batchnorm(_model(), pair)
+    ema = copy.deepcopy(model)
+    assert ema[1].process_group is pair and ema[1].weight is not model[1].weight
+    assert_close(ema.state_dict(), model.state_dict(), atol=0, rtol=0)
+    ema(torch.randn(3, 3, 10, 10)).sum().backward()
+
+
+def test_deep_copy_shares_the_group(tmp_path):
+    run_distributed(deep_copy_shares_the_group, 2, tmp_path)
+
+
 def test_group_without_this_rank_is_an_error(tmp_path):
     run_distributed(_not_a_member, 2, tmp_path)
 

@@ -55,14 +55,20 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.M
     """Replace every ``_BatchNorm`` in ``module`` (the root included) by SyncBatchNorm.
 
     Works in place on children and returns the module, or the new root when the root
-    itself is a BatchNorm. ``process_group`` is as for SyncBatchNorm.
+    itself is a BatchNorm. ``process_group`` is as for SyncBatchNorm. Each new layer is
+    named after its path in the model, for debug mode's messages.
     """
+    return _convert(module, process_group, "")
+
+
+def _convert(module: nn.Module, process_group: Any, path: str) -> nn.Module:
     out = module
     if isinstance(module, _BatchNorm):
         out = _swap(module, SyncBatchNorm, process_group=process_group)
         out._reverts_to = type(module) if type(module) in _LOCAL_CLASSES else None
+        out.layer_name = path or type(module).__name__
     for name, child in module.named_children():
-        out.add_module(name, convert_sync_batchnorm(child, process_group))
+        out.add_module(name, _convert(child, process_group, f"{path}.{name}" if path else name))
     return out
 
 

@@ -83,13 +83,21 @@ def _affine(input: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> tor
 
 class _SyncBatchNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, comm):
+    def forward(
+        ctx, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, comm, check_finite
+    ):
         channels = input.size(1)
         moments = _local_moments(input)
         comm.all_reduce_(moments)
         count = moments[0].item()
         if count != count:
             raise RuntimeError("SyncBatchNorm: another rank of the group rejected its input (see its error)")
+        if check_finite and not torch.isfinite(moments).all():
+            bad = (~torch.isfinite(moments[1:].view(2, -1))).any(0).nonzero().flatten().tolist()
+            raise FloatingPointError(
+                f"expected finite values in the global batch (got NaN or Inf in channels {bad}); "
+                "running stats left unchanged"
+            )
         count = int(count)
         if count == 1:
             raise ValueError(
@@ -144,7 +152,7 @@ class _SyncBatchNorm(torch.autograd.Function):
                 grad_input = torch.empty_like(input)
         grad_weight = sum_dy_xhat if ctx.needs_input_grad[1] else None
         grad_bias = sum_dy if ctx.needs_input_grad[2] else None
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 @torch.compiler.disable
@@ -158,15 +166,17 @@ def sync_batch_norm(
     momentum: float | None,
     eps: float,
     comm: Communicator,
+    check_finite: bool = False,
 ) -> torch.Tensor:
     """Batch norm over the union of the batches of every rank of ``comm``.
 
     Running stats, when given, are updated in place from the global count, mean and
-    unbiased variance, identically on every rank. Runs eagerly under torch.compile: the
-    collective is a graph break.
+    unbiased variance, identically on every rank. ``check_finite`` raises on every rank,
+    before the running stats move, when the global batch holds NaN or Inf. Runs eagerly
+    under torch.compile: the collective is a graph break.
     """
     return _SyncBatchNorm.apply(
-        input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, comm
+        input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, comm, check_finite
     )
 
 

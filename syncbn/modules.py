@@ -8,15 +8,19 @@ exactly torch's own BatchNorm; when it does, `functional.sync_batch_norm` does t
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Any
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import comm as _comm
+from . import debug
 from .functional import reject_collectively, sync_batch_norm
 
 __all__ = ["SyncBatchNorm"]
+
+_instances = itertools.count()
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -46,7 +50,13 @@ class SyncBatchNorm(_BatchNorm):
       ``track_running_stats=False`` batch statistics are synchronized in eval mode too, so
       that eval matches the global batch (``torch.nn.SyncBatchNorm`` uses local ones).
     * **Bad input** (fewer than 2 dims, wrong channel count, non-floating dtype) raises a
-      clear error on the offending rank; its peers raise too rather than hang.
+      clear error on the offending rank; its peers raise too rather than hang. NaN or Inf
+      in any rank's batch makes every rank's output and running stats NaN, as it would in
+      one process; ``check_finite=True`` raises on every rank instead, before the running
+      stats are touched, at the cost of one check of 2C+1 numbers.
+    * **Debug mode** (``SYNCBN_DEBUG=1`` or ``TORCH_DISTRIBUTED_DEBUG=DETAIL``) checks before
+      each synchronized forward that all ranks are in the same layer with the same channel
+      count and dtype, and raises on every rank otherwise; see ``syncbn.debug``.
     * **Layout and precision.** The output keeps the input's dtype and memory format
       (channels_last included). Statistics are reduced in float64 and applied in at least
       float32, whatever the input dtype; fp16/bf16 inputs and ``torch.autocast`` work.
@@ -61,6 +71,7 @@ class SyncBatchNorm(_BatchNorm):
         process_group: ``None`` for the default torch.distributed group (or no
             synchronization when none is initialized), a torch.distributed ProcessGroup
             (Gloo, NCCL, sub-groups), or an ``mpi4py.MPI.Comm``.
+        check_finite: raise on every rank when the global batch holds NaN or Inf.
     """
 
     def __init__(
@@ -75,9 +86,13 @@ class SyncBatchNorm(_BatchNorm):
         dtype: torch.dtype | None = None,
         *,
         bias: bool = True,
+        check_finite: bool = False,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.process_group = process_group
+        self.check_finite = check_finite
+        # How debug mode names the layer; convert_sync_batchnorm gives the module's path.
+        self.layer_name = f"SyncBatchNorm#{next(_instances)}"
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         # _BatchNorm's hook; forward has already checked the input, before any collective.
@@ -96,6 +111,9 @@ class SyncBatchNorm(_BatchNorm):
         use_batch_stats = self.training or self.running_mean is None
         comm = _comm.resolve(self.process_group) if use_batch_stats else _comm.LocalComm()
         sync = comm.world_size > 1
+        debugging = sync and debug.enabled()
+        if debugging:
+            debug.check_peers(comm, self.layer_name, input)
         error = self._input_error(input)
         if error is not None:
             if sync:
@@ -119,6 +137,7 @@ class SyncBatchNorm(_BatchNorm):
             self.momentum,
             self.eps,
             comm,
+            check_finite=self.check_finite or debugging,
         )
 
     def __deepcopy__(self, memo: dict) -> SyncBatchNorm:

@@ -30,6 +30,12 @@ SEMANTICS = [
     ["test_semantics", "deep_copy_shares_the_group", []],
     ["test_mpi", "not_a_member", []],
 ]
+RELIABILITY = [
+    ["test_reliability", "non_finite_input", []],
+    ["test_reliability", "debug_channel_mismatch", []],
+    ["test_reliability", "debug_skipped_layer", []],
+    ["test_reliability", "debug_mode_passes_matching_calls", []],
+]
 
 
 def mpiexec(world: int, cases: list) -> str:
@@ -61,3 +67,9 @@ def test_semantics_under_mpiexec(world):
 
 def test_sub_communicators_under_mpiexec():
     mpiexec(4, [["test_semantics", "sub_groups", []]])
+
+
+def test_reliability_under_mpiexec(tmp_path):
+    cases = RELIABILITY + [["test_reliability", "checkpoint_resume", [str(tmp_path)]]]
+    out = mpiexec(2, cases)
+    assert out.count("\nok ") + out.startswith("ok ") == len(cases)

@@ -202,3 +202,21 @@ def test_torch_compile_matches_eager_without_group():
 
 def test_public_api():
     assert set(syncbn.__all__) == {"SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm", "new_groups"}
+
+
+@pytest.mark.parametrize(
+    "env,expected",
+    [
+        ({}, False),
+        ({"SYNCBN_DEBUG": "1"}, True),
+        ({"SYNCBN_DEBUG": "0"}, False),
+        ({"TORCH_DISTRIBUTED_DEBUG": "DETAIL"}, True),
+        ({"TORCH_DISTRIBUTED_DEBUG": "INFO"}, False),
+    ],
+)
+def test_debug_mode_switches(monkeypatch, env, expected):
+    monkeypatch.delenv("SYNCBN_DEBUG", raising=False)
+    monkeypatch.delenv("TORCH_DISTRIBUTED_DEBUG", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert syncbn.debug.enabled() is expected

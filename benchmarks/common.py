@@ -1,15 +1,28 @@
-"""Helpers shared by the benchmarks: interleaved timing, machine facts, JSON output."""
+"""Helpers shared by the benchmarks: running on W ranks, interleaved timing, JSON output.
+
+``on_ranks`` runs a measurement on W Gloo processes or under ``mpiexec``; for the
+latter, ``mpiexec`` starts this file, which imports the measurement by name.
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import platform
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -75,3 +88,64 @@ def write_json(path: Path, payload: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
     return path
+
+
+def _gloo_rank(rank: int, world: int, store: str, measure: Callable, args: tuple, queue) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
+    result = measure(rank, world, None, *args)
+    if rank == 0:
+        queue.put(result)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def mpiexec_path() -> str | None:
+    """The mpiexec beside this Python or on PATH, if the mpi extra is installed."""
+    if importlib.util.find_spec("mpi4py") is None:
+        return None
+    return shutil.which("mpiexec", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+def on_ranks(measure: Callable, world: int, backend: str, *args: Any) -> Any:
+    """Rank 0's result of ``measure(rank, world, process_group, *args)`` on W ranks, 1 thread each.
+
+    ``backend`` is "Gloo" (spawned processes, the default group) or "MPI" (``mpiexec``,
+    ``MPI.COMM_WORLD``). ``measure`` must be a module-level function of a benchmark script.
+    """
+    if backend == "Gloo":
+        queue = mp.get_context("spawn").SimpleQueue()
+        with tempfile.TemporaryDirectory() as tmp:
+            store = os.path.join(tmp, "store")
+            mp.start_processes(
+                _gloo_rank, args=(world, store, measure, args, queue), nprocs=world, start_method="spawn"
+            )
+        return queue.get()
+    mpiexec = mpiexec_path()
+    if mpiexec is None:
+        raise RuntimeError("no mpiexec or mpi4py (pip install .[mpi])")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        module = measure.__module__
+        if module == "__main__":  # a script run directly: import it by its file's name
+            module = Path(sys.modules["__main__"].__file__).stem
+        spec = json.dumps([module, measure.__name__, str(out), list(args)])
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        subprocess.run([mpiexec, "-n", str(world), sys.executable, __file__, spec], check=True, env=env)
+        return json.loads(out.read_text())
+
+
+def _mpi_main(spec: str) -> None:
+    from mpi4py import MPI
+
+    module, function, out, args = json.loads(spec)
+    sys.path.insert(0, str(Path(__file__).parent))
+    torch.set_num_threads(1)
+    comm = MPI.COMM_WORLD
+    result = getattr(importlib.import_module(module), function)(comm.rank, comm.size, comm, *args)
+    if comm.rank == 0:
+        Path(out).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    _mpi_main(sys.argv[1])

@@ -15,23 +15,16 @@ Two measurements, each taken side by side in one run:
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, median_ms, time_interleaved, write_json  # noqa: E402
+from common import RESULTS, median_ms, mpiexec_path, on_ranks, time_interleaved, write_json  # noqa: E402
 
 from syncbn import SyncBatchNorm  # noqa: E402
 from syncbn.comm import LocalComm, resolve  # noqa: E402
@@ -154,7 +147,7 @@ def compute_path(config) -> list[dict]:
     return rows
 
 
-def _rank_rows(rank: int, world: int, group, config, backend: str) -> list[dict]:
+def rank_rows(rank: int, world: int, group, config, backend: str) -> list[dict]:
     """This rank's timings of every variant, for every shape; ``group`` is syncbn's process_group."""
     torch.set_num_threads(1)
     comm = resolve(group)
@@ -175,46 +168,6 @@ def _rank_rows(rank: int, world: int, group, config, backend: str) -> list[dict]
         samples = time_interleaved(steps, config["reps"], before=lambda t=token: comm.all_reduce_(t))
         rows.append(_row(shape, cl, samples, base=f"syncbn {backend}"))
     return rows
-
-
-def _gloo_rank(rank, world, store, config, queue):
-    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
-    rows = _rank_rows(rank, world, None, config, "Gloo")
-    if rank == 0:
-        queue.put(rows)
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def gloo(config, world: int = 2) -> list[dict]:
-    queue = mp.get_context("spawn").SimpleQueue()
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(
-            _gloo_rank, args=(world, os.path.join(tmp, "store"), config, queue), nprocs=world, start_method="spawn"
-        )
-    return queue.get()
-
-
-def mpi(config, world: int = 2) -> list[dict] | None:
-    """The same measurement under mpiexec with an mpi4py communicator; None without MPI."""
-    mpiexec = shutil.which("mpiexec", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    if mpiexec is None or importlib.util.find_spec("mpi4py") is None:
-        print("MPI skipped: no mpiexec or mpi4py (pip install .[mpi])", file=sys.stderr)
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "rows.json"
-        command = [mpiexec, "-n", str(world), sys.executable, __file__, "--mpi-worker", str(out)]
-        subprocess.run(command + (["--quick"] if config is QUICK else []), check=True)
-        return json.loads(out.read_text())
-
-
-def _mpi_worker(out: Path, config) -> None:
-    from mpi4py import MPI
-
-    comm = MPI.COMM_WORLD
-    rows = _rank_rows(comm.rank, comm.size, comm, config, "MPI")
-    if comm.rank == 0:
-        out.write_text(json.dumps(rows))
 
 
 def _table(title, rows, columns, base):
@@ -245,14 +198,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes and few repetitions (smoke run)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for layer.json (default: %(default)s)")
-    parser.add_argument("--mpi-worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     config = QUICK if args.quick else FULL
-    if args.mpi_worker:
-        _mpi_worker(args.mpi_worker, config)
-        return
     compute = compute_path(config)
-    gloo_rows, mpi_rows = gloo(config), mpi(config)
+    gloo_rows = on_ranks(rank_rows, 2, "Gloo", config, "Gloo")
+    mpi_rows = on_ranks(rank_rows, 2, "MPI", config, "MPI") if mpiexec_path() else None
     _table("Compute path, 1 process, 1 thread (median fwd+bwd)", compute, list(compute[0]["median_ms"]), "nn.BatchNorm")
     merged = _merge(gloo_rows, mpi_rows)
     _table("W=2 ranks, 1 thread each (median fwd+bwd per rank)", merged, list(merged[0]["median_ms"]), "syncbn Gloo")

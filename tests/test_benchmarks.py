@@ -17,3 +17,18 @@ def test_layer_benchmark_quick(tmp_path):
     for row in payload["compute_path"] + payload["gloo_w2"]:
         assert all(ms > 0 for ms in row["median_ms"].values())
     assert "syncbn Gloo" in payload["gloo_w2"][0]["median_ms"]
+
+
+@pytest.mark.distributed
+def test_comm_model_quick(tmp_path):
+    run_command([sys.executable, "benchmarks/comm_model.py", "--quick", "--results", str(tmp_path)])
+    model = json.loads((tmp_path / "comm_model.json").read_text())
+    assert (tmp_path / "comm_model.png").stat().st_size > 0
+    assert model["layers"] == 53 and model["channels"] == 26560
+    for backend, fit in model["calibration"].items():
+        assert fit["alpha_s"] > 0, backend
+        steps = model["steps"][backend]["ring"]
+        # The all-gather's bytes grow with W; the all-reduce's stay near 4·(2C+1)·8 per layer.
+        assert (
+            steps["1024"]["torch.nn.SyncBatchNorm"]["bytes_per_rank"] > 100 * steps["1024"]["syncbn"]["bytes_per_rank"]
+        )

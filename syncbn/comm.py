@@ -96,7 +96,8 @@ def resolve(process_group: Any = None) -> Communicator:
     """Turn a ``process_group=`` argument into a Communicator.
 
     None means the default torch.distributed group when one is initialized, and a world of
-    one otherwise, so a layer written for many processes runs unchanged in one.
+    one otherwise, so a layer written for many processes runs unchanged in one. An object
+    that already is a Communicator is used as it is.
     """
     if process_group is None:
         if dist.is_available() and dist.is_initialized():
@@ -110,9 +111,11 @@ def resolve(process_group: Any = None) -> Communicator:
         if process_group is dist.GroupMember.NON_GROUP_MEMBER:
             # What dist.new_group returns on the ranks it leaves out.
             raise ValueError("expected this process to be a member of process_group (it is not)")
+    if all(hasattr(process_group, name) for name in ("all_reduce_", "world_size", "rank")):
+        return process_group  # a Communicator of the caller's own: another backend, or instrumentation
     raise TypeError(
-        "expected process_group to be None, a torch.distributed ProcessGroup or an "
-        f"mpi4py.MPI.Comm (got {type(process_group).__name__})"
+        "expected process_group to be None, a torch.distributed ProcessGroup, an "
+        f"mpi4py.MPI.Comm or a syncbn Communicator (got {type(process_group).__name__})"
     )
 
 

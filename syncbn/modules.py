@@ -70,7 +70,8 @@ class SyncBatchNorm(_BatchNorm):
         track_running_stats: keep running mean and variance for eval mode.
         process_group: ``None`` for the default torch.distributed group (or no
             synchronization when none is initialized), a torch.distributed ProcessGroup
-            (Gloo, NCCL, sub-groups), or an ``mpi4py.MPI.Comm``.
+            (Gloo, NCCL, sub-groups), an ``mpi4py.MPI.Comm``, or any object with
+            ``world_size``, ``rank`` and ``all_reduce_`` (``syncbn.comm.Communicator``).
         check_finite: raise on every rank when the global batch holds NaN or Inf.
     """
 

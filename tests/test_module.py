@@ -120,6 +120,27 @@ def test_bad_input_errors(x, error, message):
     torch.testing.assert_close(bn.state_dict(), before, atol=0, rtol=0)
 
 
+class _Mirror:
+    """A world of two identical ranks, in one process: every sum doubles."""
+
+    world_size, rank = 2, 0
+
+    def all_reduce_(self, tensor):
+        tensor.mul_(2)
+
+
+def test_a_communicator_object_is_a_process_group():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    ours = SyncBatchNorm(4, process_group=_Mirror()).double()
+    ref = nn.BatchNorm1d(4).double()
+    both = torch.cat([x, x]).detach().requires_grad_()
+    ours(x).sum().backward()
+    ref(both).sum().backward()
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    torch.testing.assert_close(x.grad, both.grad[:3])
+
+
 def test_bad_process_group_type():
     with pytest.raises(TypeError, match=r"expected process_group to be None, .* \(got str\)"):
         SyncBatchNorm(3, process_group="world")(torch.randn(4, 3))

@@ -32,3 +32,13 @@ def test_comm_model_quick(tmp_path):
         assert (
             steps["1024"]["torch.nn.SyncBatchNorm"]["bytes_per_rank"] > 100 * steps["1024"]["syncbn"]["bytes_per_rank"]
         )
+
+
+@pytest.mark.distributed
+def test_scaling_quick(tmp_path):
+    run_command([sys.executable, "benchmarks/scaling.py", "--quick", "--batch", "4", "--results", str(tmp_path)])
+    runs = json.loads((tmp_path / "scaling.json").read_text())["runs"]
+    for backend, by_world in runs.items():
+        assert by_world["1"]["efficiency"] == 1.0 and by_world["1"]["syncbn_comm_s"] == 0.0, backend
+        assert by_world["2"]["syncbn_comm_s"] > 0 and by_world["2"]["bn_layers"] == 13, backend
+    assert (tmp_path / "scaling.png").stat().st_size > 0

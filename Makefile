@@ -24,4 +24,6 @@ test: $(VENV)/.installed
 	PATH="$(BIN):$$PATH" $(BIN)/python -m pytest -n auto
 
 bench: $(VENV)/.installed
-	PATH="$(BIN):$$PATH" $(BIN)/python benchmarks/layer.py
+	for script in layer scaling comm_model convergence; do \
+		PATH="$(BIN):$$PATH" $(BIN)/python benchmarks/$$script.py || exit 1; \
+	done

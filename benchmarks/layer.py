@@ -6,7 +6,9 @@ Two measurements, each taken side by side in one run:
   against local ``nn.BatchNorm`` on the same tensor, so the ratio is pure compute;
 * W=2 Gloo ranks: syncbn against a textbook SyncBN (a differentiable all-reduce of
   [mean, E[x²]]·n through generic autograd ops, as detectron2's NaiveSyncBatchNorm does),
-  with local BatchNorm and the bare all-reduce latency alongside.
+  with local BatchNorm and the bare all-reduce latency alongside;
+* a sweep over channel count and batch size on W=2 and W=4 ranks, Gloo and MPI, NCHW and
+  channels_last, plotted as the ratio to local BatchNorm (W=4 oversubscribes 2 cores).
 
     python benchmarks/layer.py            # full run, writes benchmarks/results/layer.json
     python benchmarks/layer.py --quick    # small shapes, a few seconds
@@ -18,10 +20,14 @@ import argparse
 import sys
 from pathlib import Path
 
+import matplotlib
 import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, median_ms, mpiexec_path, on_ranks, time_interleaved, write_json  # noqa: E402
@@ -35,6 +41,19 @@ FULL = {
     "reps": 21,
 }
 QUICK = {"shapes": [(8, 16, 16, 16), (64, 128)], "reps": 5}
+# The sweep: per-layer cost against channel count and against batch size, on W=2 and W=4 ranks.
+SWEEP = {
+    "channels": [(16, c, 16, 16) for c in (16, 64, 256, 1024)],
+    "batch": [(n, 64, 16, 16) for n in (2, 8, 32)],
+    "worlds": [2, 4],
+    "reps": 11,
+}
+QUICK_SWEEP = {
+    "channels": [(4, c, 8, 8) for c in (8, 32)],
+    "batch": [(n, 16, 8, 8) for n in (2, 8)],
+    "worlds": [2],
+    "reps": 3,
+}
 
 
 class _AllReduce(torch.autograd.Function):
@@ -194,21 +213,71 @@ def _merge(*runs: list[dict] | None) -> list[dict]:
     return merged
 
 
+def sweep(settings, backends: list[str]) -> dict:
+    """Rows of the sweep per backend and world size (rank 0's medians)."""
+    config = {"shapes": settings["channels"] + settings["batch"], "reps": settings["reps"]}
+    return {
+        backend: {str(w): on_ranks(rank_rows, w, backend, config, backend) for w in settings["worlds"]}
+        for backend in backends
+    }
+
+
+def plot_sweep(results: dict, settings, path: Path) -> None:
+    """Ratio of syncbn's fwd+bwd to local BatchNorm's, against C and against N."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for backend, by_world in results.items():
+        for world, rows in by_world.items():
+            for cl, style in ((False, "o-"), (True, "s--")):
+                for axis, key, index in ((axes[0], "channels", 1), (axes[1], "batch", 0)):
+                    shapes = [list(shape) for shape in settings[key]]
+                    chosen = [r for r in rows if r["shape"] in shapes and r["channels_last"] == cl]
+                    ms = [r["median_ms"] for r in chosen]
+                    ratio = [m[f"syncbn {backend}"] / m[f"nn.BatchNorm (local, {backend} run)"] for m in ms]
+                    label = f"{backend} W={world}{' CL' if cl else ''}"
+                    axis.plot([r["shape"][index] for r in chosen], ratio, style, label=label)
+    for axis, key, index, what in ((axes[0], "channels", 1, "channels C"), (axes[1], "batch", 0, "batch N per rank")):
+        fixed = "×".join("·" if i == index else str(d) for i, d in enumerate(settings[key][0]))
+        axis.set(xscale="log", xlabel=f"{what} (shape {fixed})", title="syncbn fwd+bwd / local BatchNorm")
+        ticks = [shape[index] for shape in settings[key]]
+        axis.set_xticks(ticks, [str(t) for t in ticks])
+        axis.minorticks_off()
+    for axis in axes:
+        axis.set(ylabel="ratio (1 = free)", yscale="log")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes and few repetitions (smoke run)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for layer.json (default: %(default)s)")
     args = parser.parse_args()
-    config = QUICK if args.quick else FULL
+    config, settings = (QUICK, QUICK_SWEEP) if args.quick else (FULL, SWEEP)
+    backends = ["Gloo"] + (["MPI"] if mpiexec_path() else [])
     compute = compute_path(config)
     gloo_rows = on_ranks(rank_rows, 2, "Gloo", config, "Gloo")
-    mpi_rows = on_ranks(rank_rows, 2, "MPI", config, "MPI") if mpiexec_path() else None
+    mpi_rows = on_ranks(rank_rows, 2, "MPI", config, "MPI") if "MPI" in backends else None
+    swept = sweep(settings, backends)
     _table("Compute path, 1 process, 1 thread (median fwd+bwd)", compute, list(compute[0]["median_ms"]), "nn.BatchNorm")
     merged = _merge(gloo_rows, mpi_rows)
     _table("W=2 ranks, 1 thread each (median fwd+bwd per rank)", merged, list(merged[0]["median_ms"]), "syncbn Gloo")
-    payload = {"config": {**config, "world": 2}, "compute_path": compute, "gloo_w2": gloo_rows, "mpi_w2": mpi_rows}
+    for backend, by_world in swept.items():
+        for world, rows in by_world.items():
+            _table(f"Sweep, W={world} {backend}", rows, list(rows[0]["median_ms"]), f"syncbn {backend}")
+    args.results.mkdir(parents=True, exist_ok=True)
+    plot_sweep(swept, settings, args.results / "layer_sweep.png")
+    payload = {
+        "config": {**config, "world": 2, "sweep": settings},
+        "compute_path": compute,
+        "gloo_w2": gloo_rows,
+        "mpi_w2": mpi_rows,
+        "sweep": swept,
+    }
     path = write_json(args.results / "layer.json", payload)
-    print(f"\nwrote {path}")
+    print(f"\nwrote {path} and layer_sweep.png")
 
 
 if __name__ == "__main__":

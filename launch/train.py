@@ -12,6 +12,7 @@ that its running stats equal everyone else's.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", type=Path, default=None, help="save model and optimizer here every epoch")
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank (default: %(default)s)")
+    parser.add_argument("--history", type=Path, default=None, help="write per-epoch metrics here as JSON")
     return parser.parse_args(argv)
 
 
@@ -156,6 +158,7 @@ def train(args: argparse.Namespace, group) -> int:
     loader = DataLoader(train, batch_size=args.batch_size, sampler=sampler, drop_last=True)
     loss_fn = nn.CrossEntropyLoss()
     started = time.perf_counter()
+    history = []
     steps = (args.epochs - start_epoch) * len(loader)
     with tqdm(total=steps, disable=not lead, desc="train", file=sys.stdout, leave=False) as bar:
         for epoch in range(start_epoch, args.epochs):
@@ -176,6 +179,9 @@ def train(args: argparse.Namespace, group) -> int:
                 bar.update()
             loss_sum, seen, right = global_sum(comm, loss_sum, seen, right)
             accuracy = evaluate(model, test, comm, device)
+            history.append(
+                {"epoch": epoch + 1, "loss": loss_sum / seen, "train_acc": right / seen, "test_acc": accuracy}
+            )
             if lead:
                 bar.write(
                     f"epoch {epoch + 1:2d}  loss {loss_sum / seen:.4f}  train acc {right / seen:.4f}  "
@@ -194,6 +200,8 @@ def train(args: argparse.Namespace, group) -> int:
             f"running stats differ across ranks by {spread:.3g}",
             flush=True,
         )
+    if lead and args.history:
+        args.history.write_text(json.dumps(history))
     same = spread == 0.0 or args.norm != "syncbn"
     if not same:
         print("error: SyncBatchNorm running stats differ between ranks", file=sys.stderr)

@@ -17,6 +17,8 @@ def test_layer_benchmark_quick(tmp_path):
     for row in payload["compute_path"] + payload["gloo_w2"]:
         assert all(ms > 0 for ms in row["median_ms"].values())
     assert "syncbn Gloo" in payload["gloo_w2"][0]["median_ms"]
+    assert len(payload["sweep"]["Gloo"]["2"]) == 8  # 4 sweep shapes, NCHW and channels_last
+    assert (tmp_path / "layer_sweep.png").stat().st_size > 0
 
 
 @pytest.mark.distributed
@@ -42,3 +44,14 @@ def test_scaling_quick(tmp_path):
         assert by_world["1"]["efficiency"] == 1.0 and by_world["1"]["syncbn_comm_s"] == 0.0, backend
         assert by_world["2"]["syncbn_comm_s"] > 0 and by_world["2"]["bn_layers"] == 13, backend
     assert (tmp_path / "scaling.png").stat().st_size > 0
+
+
+@pytest.mark.distributed
+def test_convergence_quick(tmp_path):
+    run_command([sys.executable, "benchmarks/convergence.py", "--quick", "--results", str(tmp_path)], timeout=300)
+    payload = json.loads((tmp_path / "convergence.json").read_text())
+    methods = payload["summary"]["8"]
+    assert set(methods) == {"SyncBatchNorm", "local BatchNorm", "GroupNorm", "1 process, same global batch"}
+    assert all(0 <= m["mean"] <= 1 for m in methods.values())
+    assert sum(r["study"] == "lr" for r in payload["runs"]) == 4
+    assert (tmp_path / "convergence.png").stat().st_size > 0

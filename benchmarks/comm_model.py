@@ -36,6 +36,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, mpiexec_path, on_ranks, write_json  # noqa: E402
@@ -51,12 +52,12 @@ for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
 WORLDS = [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 
 
-def allreduce_times(rank: int, world: int, group, sizes: list[int], reps: int) -> list[float]:
-    """Median seconds of one all-reduce of each size (float64 count), starts aligned by a barrier."""
+def allreduce_times(rank: int, world: int, group, sizes: list[int], reps: int) -> list[list[float]]:
+    """Seconds of each all-reduce of each size (float64 count), each start aligned by a barrier."""
     comm = resolve(group)
     token = torch.zeros(1, dtype=torch.float64)
-    medians = []
-    for size in sizes:
+    times = []
+    for size in tqdm(sizes, desc=f"W={world} all-reduce sizes", file=sys.stderr, disable=rank != 0):
         buffer = torch.zeros(size, dtype=torch.float64)
         samples = []
         for _ in range(reps + 2):
@@ -64,8 +65,8 @@ def allreduce_times(rank: int, world: int, group, sizes: list[int], reps: int) -
             start = time.perf_counter()
             comm.all_reduce_(buffer)
             samples.append(time.perf_counter() - start)
-        medians.append(statistics.median(samples[2:]))
-    return medians
+        times.append(samples[2:])
+    return times
 
 
 def fit_alpha_beta(nbytes: list[int], seconds: list[float]) -> tuple[float, float]:
@@ -138,11 +139,13 @@ def main() -> None:
     backends = ["Gloo"] + (["MPI"] if mpiexec_path() else [])
     calibration, steps = {}, {}
     for backend in backends:
-        seconds = on_ranks(allreduce_times, 2, backend, sizes, reps)
+        samples = on_ranks(allreduce_times, 2, backend, sizes, reps)
+        seconds = [statistics.median(times) for times in samples]
         alpha, beta = fit_alpha_beta([8 * s for s in sizes], seconds)
         calibration[backend] = {
             "bytes": [8 * s for s in sizes],
             "median_s": seconds,
+            "samples_s": samples,
             "alpha_s": alpha,
             "beta_s_per_byte": beta,
         }

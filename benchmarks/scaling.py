@@ -25,6 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, mpiexec_path, on_ranks, write_json  # noqa: E402
@@ -65,7 +66,7 @@ def resnet(width: int = 16) -> nn.Sequential:
 
 
 def measure(rank: int, world: int, group, batch: int, steps: int) -> dict:
-    """Rank 0's median step time and SyncBatchNorm all-reduce time, in seconds."""
+    """Rank 0's step times and SyncBatchNorm all-reduce times (samples and medians), in seconds."""
     comm = resolve(group)
     timed = TimedComm(comm)
     torch.manual_seed(0)
@@ -90,7 +91,12 @@ def measure(rank: int, world: int, group, batch: int, steps: int) -> dict:
             step_s.append(time.perf_counter() - start)
             comm_s.append(timed.seconds)
     layers = sum(isinstance(m, syncbn.SyncBatchNorm) for m in model.modules())
-    return {"step_s": statistics.median(step_s), "syncbn_comm_s": statistics.median(comm_s), "bn_layers": layers}
+    return {
+        "step_s": statistics.median(step_s),
+        "syncbn_comm_s": statistics.median(comm_s),
+        "samples": {"step_s": step_s, "syncbn_comm_s": comm_s},
+        "bn_layers": layers,
+    }
 
 
 def main() -> None:
@@ -101,14 +107,13 @@ def main() -> None:
     args = parser.parse_args()
     worlds, steps = ((1, 2), 3) if args.quick else ((1, 2, 4), 15)
     backends = ["Gloo"] + (["MPI"] if mpiexec_path() else [])
-    runs: dict[str, dict[str, dict]] = {}
+    runs: dict[str, dict[str, dict]] = {backend: {} for backend in backends}
+    for backend, world in tqdm([(b, w) for b in backends for w in worlds], desc="runs", file=sys.stderr):
+        result = on_ranks(measure, world, backend, args.batch, steps)
+        result["throughput"] = world * args.batch / result["step_s"]
+        result["oversubscribed"] = world > CORES
+        runs[backend][str(world)] = result
     for backend in backends:
-        runs[backend] = {}
-        for world in worlds:
-            result = on_ranks(measure, world, backend, args.batch, steps)
-            result["throughput"] = world * args.batch / result["step_s"]
-            result["oversubscribed"] = world > CORES
-            runs[backend][str(world)] = result
         base = runs[backend]["1"]["throughput"]
         for world in worlds:
             run = runs[backend][str(world)]

@@ -68,10 +68,10 @@ class SyncBatchNorm(_BatchNorm):
         momentum: factor of the running-stat update; ``None`` for a cumulative average.
         affine: learn a per-channel weight and bias.
         track_running_stats: keep running mean and variance for eval mode.
-        process_group: ``None`` for the default torch.distributed group (or no
-            synchronization when none is initialized), a torch.distributed ProcessGroup
-            (Gloo, NCCL, sub-groups), an ``mpi4py.MPI.Comm``, or any object with
-            ``world_size``, ``rank`` and ``all_reduce_`` (``syncbn.comm.Communicator``).
+        process_group: ``None`` for the default process group (or no synchronization when
+            none is initialized), a ProcessGroup (Gloo, NCCL, sub-groups), an MPI
+            communicator (``MPI.Comm``), or any object with ``world_size``, ``rank`` and
+            ``all_reduce_`` (``syncbn.comm.Communicator``).
         check_finite: raise on every rank when the global batch holds NaN or Inf.
     """
 

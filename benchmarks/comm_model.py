@@ -24,7 +24,6 @@ forecast: real jobs add hierarchy, contention and overlap.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -39,7 +38,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, mpiexec_path, on_ranks, write_json  # noqa: E402
+from common import available_backends, make_parser, on_ranks, save_figure, write_json  # noqa: E402
 
 from syncbn.comm import resolve  # noqa: E402
 
@@ -124,19 +123,16 @@ def plot(model: dict, path: Path) -> None:
         axis.set(xscale="log", yscale="log", xlabel="ranks W")
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer message sizes and repetitions")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="output folder (default: %(default)s)")
+    parser = make_parser(__doc__, "fewer message sizes and repetitions")
     args = parser.parse_args()
     sizes = [1, 64, 4096, 65536, 1 << 20] if not args.quick else [1, 4096, 65536]
     reps = 5 if args.quick else 31
-    backends = ["Gloo"] + (["MPI"] if mpiexec_path() else [])
+    backends = available_backends()
     calibration, steps = {}, {}
     for backend in backends:
         samples = on_ranks(allreduce_times, 2, backend, sizes, reps)
@@ -170,7 +166,6 @@ def main() -> None:
             ours, theirs = (steps[b][a][str(w)][n]["seconds"] * 1e3 for n in ("syncbn", "torch.nn.SyncBatchNorm"))
             cells.append(f"{ours:.1f} / {theirs:.1f}")
         print(f"| {w} | " + " | ".join(cells) + " |")
-    args.results.mkdir(parents=True, exist_ok=True)
     plot(model, args.results / "comm_model.png")
     path = write_json(args.results / "comm_model.json", {"quick": args.quick, **model})
     print(f"\nwrote {path} and comm_model.png")

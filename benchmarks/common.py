@@ -6,6 +6,7 @@ latter, ``mpiexec`` starts this file, which imports the measurement by name.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import os
@@ -98,6 +99,26 @@ def _gloo_rank(rank: int, world: int, store: str, measure: Callable, args: tuple
         queue.put(result)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def make_parser(doc: str, quick: str) -> argparse.ArgumentParser:
+    """The options every benchmark takes: --quick (a smoke run) and --results (the output folder)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="output folder (default: %(default)s)")
+    return parser
+
+
+def available_backends() -> list[str]:
+    """Gloo always; MPI where the mpi extra is installed."""
+    return ["Gloo"] + (["MPI"] if mpiexec_path() else [])
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lay out, write and close a matplotlib figure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def mpiexec_path() -> str | None:

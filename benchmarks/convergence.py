@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -28,7 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, write_json  # noqa: E402
+from common import make_parser, save_figure, write_json  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 METHODS = {  # label: (norm, ranks or None for one process with the whole global batch)
@@ -55,9 +54,7 @@ def train(norm: str, ranks: int, batch: int, lr: float, epochs: int, seed: int) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one epoch, one seed, 2 ranks of 8 samples")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="output folder (default: %(default)s)")
+    parser = make_parser(__doc__, "one epoch, one seed, 2 ranks of 8 samples")
     args = parser.parse_args()
     ranks, seeds, epochs, lr = (2, [0], 1, 0.05) if args.quick else (4, [0, 1, 2], 4, 0.05)
     lr_epochs, rates = (1, (0.02, 0.2)) if args.quick else (8, (0.02, 0.2))
@@ -98,7 +95,6 @@ def main() -> None:
     for run in (r for r in runs if r["study"] == "lr"):
         last = run["history"][-1]
         print(f"  norm={run['norm']:4s} lr={run['lr']:<5} loss {last['loss']:.4f}  test acc {last['test_acc']:.4f}")
-    args.results.mkdir(parents=True, exist_ok=True)
     plot(runs, summary, per_rank, args.results / "convergence.png")
     config = {"ranks": ranks, "seeds": seeds, "epochs": epochs, "lr": lr}
     config["lr_study"] = {"epochs": lr_epochs, "rates": rates, "batch": 32}
@@ -150,8 +146,7 @@ def plot(runs: list[dict], summary: dict, per_rank: tuple[int, ...], path: Path)
     for axis in axes:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 

@@ -16,7 +16,6 @@ Two measurements, each taken side by side in one run:
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, median_ms, mpiexec_path, on_ranks, time_interleaved, write_json  # noqa: E402
+from common import available_backends, make_parser, median_ms, on_ranks, save_figure, time_interleaved, write_json  # noqa: E402
 
 from syncbn import SyncBatchNorm  # noqa: E402
 from syncbn.comm import LocalComm, resolve  # noqa: E402
@@ -245,18 +244,15 @@ def plot_sweep(results: dict, settings, path: Path) -> None:
         axis.set(ylabel="ratio (1 = free)", yscale="log")
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small shapes and few repetitions (smoke run)")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for layer.json (default: %(default)s)")
+    parser = make_parser(__doc__, "small shapes and few repetitions (smoke run)")
     args = parser.parse_args()
     config, settings = (QUICK, QUICK_SWEEP) if args.quick else (FULL, SWEEP)
-    backends = ["Gloo"] + (["MPI"] if mpiexec_path() else [])
+    backends = available_backends()
     compute = compute_path(config)
     gloo_rows = on_ranks(rank_rows, 2, "Gloo", config, "Gloo")
     mpi_rows = on_ranks(rank_rows, 2, "MPI", config, "MPI") if "MPI" in backends else None
@@ -267,7 +263,6 @@ def main() -> None:
     for backend, by_world in swept.items():
         for world, rows in by_world.items():
             _table(f"Sweep, W={world} {backend}", rows, list(rows[0]["median_ms"]), f"syncbn {backend}")
-    args.results.mkdir(parents=True, exist_ok=True)
     plot_sweep(swept, settings, args.results / "layer_sweep.png")
     payload = {
         "config": {**config, "world": 2, "sweep": settings},

@@ -13,7 +13,6 @@ on them, so its points measure oversubscription, not scaling, and are marked so.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, mpiexec_path, on_ranks, write_json  # noqa: E402
+from common import available_backends, make_parser, on_ranks, save_figure, write_json  # noqa: E402
 
 import syncbn  # noqa: E402
 from syncbn.comm import resolve  # noqa: E402
@@ -100,13 +99,11 @@ def measure(rank: int, world: int, group, batch: int, steps: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="W ∈ {1, 2} and a few steps")
+    parser = make_parser(__doc__, "W ∈ {1, 2} and a few steps")
     parser.add_argument("--batch", type=int, default=16, help="samples per rank (default: %(default)s)")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="output folder (default: %(default)s)")
     args = parser.parse_args()
     worlds, steps = ((1, 2), 3) if args.quick else ((1, 2, 4), 15)
-    backends = ["Gloo"] + (["MPI"] if mpiexec_path() else [])
+    backends = available_backends()
     runs: dict[str, dict[str, dict]] = {backend: {} for backend in backends}
     for backend, world in tqdm([(b, w) for b in backends for w in worlds], desc="runs", file=sys.stderr):
         result = on_ranks(measure, world, backend, args.batch, steps)
@@ -130,7 +127,6 @@ def main() -> None:
                 f"| {backend} | {world}{mark} | {run['step_s'] * 1e3:.1f} | {run['throughput']:.0f} | "
                 f"{run['efficiency']:.2f} | {run['comm_share']:.0%} |"
             )
-    args.results.mkdir(parents=True, exist_ok=True)
     plot(runs, worlds, args.results / "scaling.png")
     config = {"batch_per_rank": args.batch, "steps": steps, "worlds": list(worlds), "cores": CORES}
     path = write_json(args.results / "scaling.json", {"config": config, "runs": runs})
@@ -154,8 +150,7 @@ def plot(runs: dict, worlds: tuple[int, ...], path: Path) -> None:
         axis.legend(fontsize=8)
     left.set(ylabel="samples/s, all ranks", title="Weak scaling, fixed per-rank batch")
     right.set(ylabel="% of step in SyncBatchNorm all-reduces", title="Communication share")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 

@@ -1,14 +1,16 @@
 """Synchronized batch normalization as one autograd Function: the math and nothing else.
 
-Forward: each rank computes its local count, mean and biased variance with torch's own
-two-pass kernel, packs (n, Σx, Σx²) as 2C+1 float64 numbers and sums them across the
-group in one all-reduce. Float64 keeps E[x²]−E[x]² exact to about 1e-16·(mean/std)²
-relative, far below float32 rounding for any data float32 can hold. The output is one
-fused eval-mode batch-norm pass with the global mean and variance.
+Forward: each rank packs its local (n, Σx, Σx²) as 2C+1 float64 numbers (one float64
+pass of the fused CPU kernel for (N, C, ...) contiguous input; torch's own statistics
+kernel otherwise) and sums them across the group in one all-reduce. Float64 keeps
+E[x²]−E[x]² exact to about 1e-16·(mean/std)² relative, far below float32 rounding for any
+data float32 can hold. The output is one fused eval-mode batch-norm pass with the global
+mean and variance.
 
 Backward: one all-reduce of the 2C numbers (Σdy, Σdy·x̂), then
 dx = w·invstd·(dy − Σdy/n − x̂·Σdy·x̂/n), the exact gradient of the global-batch
-computation. Weight and bias gradients stay local: DDP averages them.
+computation, in one fused pass on the CPU (`kernels`). Weight and bias gradients stay
+local: DDP averages them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from . import kernels
 from .comm import Communicator
 
 __all__ = ["sync_batch_norm", "reject_collectively"]
@@ -35,15 +38,17 @@ def _local_moments(input: torch.Tensor) -> torch.Tensor:
     if n == 0:
         # An empty rank still joins the collective, so that its peers are not left waiting.
         return torch.zeros(2 * channels + 1, dtype=torch.float64, device=input.device)
+    if kernels.moments_usable(input):
+        return torch.ops.syncbn.moments(input)
     if input.dtype in _HALF:
         # With float32 buffers the kernel accumulates and returns float32 statistics.
         dummy = torch.zeros(2, channels, dtype=torch.float32, device=input.device)
         mean, var = torch.batch_norm_update_stats(input, dummy[0], dummy[1], 0.0)
     else:
         mean, var = torch.batch_norm_update_stats(input, None, None, 0.0)
-    packed = torch.cat([mean.new_ones(1), mean, var]).double()
-    packed[channels + 1 :].addcmul_(packed[1 : channels + 1], packed[1 : channels + 1])
-    return packed.mul_(n)
+    mean = mean.double()
+    # E[x²] = var + mean², formed in float64 (addcmul and cat promote var).
+    return torch.cat([mean.new_ones(1), mean, torch.addcmul(var, mean, mean)]).mul_(n)
 
 
 def _update_running_stats(
@@ -81,6 +86,17 @@ def _affine(input: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> tor
     return torch.batch_norm(input, alpha, beta, zero, one, False, 0.0, 0.0, False)
 
 
+def _input_grad(grad_output, input, mean, scale, alpha, shift) -> torch.Tensor:
+    """scale·dy + alpha·(x − mean) + shift per channel: one fused pass on the CPU, else two stock ones."""
+    if kernels.usable(input) and grad_output.dtype == input.dtype:
+        acc = _acc_dtype(input)
+        coefficients = (t.to(acc) for t in (mean, scale, alpha, shift))
+        return torch.ops.syncbn.backward_elemt(grad_output, input, *coefficients)
+    # alpha·x + (shift − alpha·mean) is one fused multiply-add per element in torch's kernel.
+    grad_input = _affine(input, alpha, torch.addcmul(shift, mean, alpha, value=-1))
+    return grad_input.addcmul_(grad_output, scale.view((1, -1) + (1,) * (input.dim() - 2)))
+
+
 class _SyncBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -110,15 +126,14 @@ class _SyncBatchNorm(torch.autograd.Function):
                 _update_running_stats(running_mean, running_var, num_batches_tracked, momentum, 0, None, None)
             ctx.save_for_backward(input, None, None, None)
             return torch.empty_like(input)
-        moments = moments[1:].div_(count)
-        mean = moments[:channels]
         # var = E[x²] − E[x]², exact enough in float64; clamped, as rounding can dip below 0.
-        moments[channels:].addcmul_(mean, mean, value=-1).clamp_(min=0)
-        moments = moments.to(_acc_dtype(input))
-        mean, var = moments[:channels], moments[channels:]
+        stats = moments[1:].view(2, channels).div_(count)  # E[x], E[x²]
+        mean, square = stats
+        square.addcmul_(mean, mean, value=-1).clamp_(min=0)
+        mean, var = stats.to(_acc_dtype(input))
         if running_mean is not None:
             _update_running_stats(running_mean, running_var, num_batches_tracked, momentum, count, mean, var)
-        invstd = (var + eps).rsqrt_()
+        invstd = torch.rsqrt(var + eps)
         scale = invstd if weight is None else invstd * weight
         shift = -mean * scale if bias is None else torch.addcmul(bias, mean, scale, value=-1)
         ctx.save_for_backward(input, mean, invstd, scale)
@@ -141,13 +156,9 @@ class _SyncBatchNorm(torch.autograd.Function):
             sums = torch.cat([sum_dy, sum_dy_xhat]).double()
             ctx.comm.all_reduce_(sums)
             if input.numel():
-                # dx = s·dy − s·mean(dy) − s·x̂·mean(dy·x̂) with s = weight·invstd and x̂ = (x−mean)·invstd:
-                # one affine pass over x, then addcmul_ adds s·dy.
+                # dx = s·dy − s·mean(dy) − s·x̂·mean(dy·x̂) with s = weight·invstd and x̂ = (x−mean)·invstd.
                 terms = sums.div_(-ctx.count).to(scale.dtype).view(2, -1).mul_(scale)  # −s·mean(dy), −s·mean(dy·x̂)
-                alpha = terms[1] * invstd
-                beta = torch.addcmul(terms[0], mean, alpha, value=-1)
-                grad_input = _affine(input, alpha, beta)
-                grad_input.addcmul_(grad_output, scale.view((1, -1) + (1,) * (input.dim() - 2)))
+                grad_input = _input_grad(grad_output, input, mean, scale, terms[1] * invstd, terms[0])
             else:
                 grad_input = torch.empty_like(input)
         grad_weight = sum_dy_xhat if ctx.needs_input_grad[1] else None

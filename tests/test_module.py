@@ -20,7 +20,7 @@ def _apply(x, weight=None, bias=None, running=None, momentum=0.1, eps=1e-5):
     return sync_batch_norm(x, weight, bias, *running, momentum, eps, LocalComm())
 
 
-def test_gradcheck_fp64():
+def test_gradcheck_fp64(kernel_path):
     x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
     w = torch.rand(3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(3, dtype=torch.float64, requires_grad=True)
@@ -29,7 +29,7 @@ def test_gradcheck_fp64():
 
 
 @pytest.mark.parametrize("ratio", [1e2, 1e3, 1e4, 1e5])
-def test_fp32_error_at_large_mean_over_std_within_2x_of_native(ratio):
+def test_fp32_error_at_large_mean_over_std_within_2x_of_native(ratio, kernel_path):
     """E[x²]−E[x]² in fp32 would be off by ~1 at ratio 1e3; float64 sums stay at native's error."""
     torch.manual_seed(0)
     x = torch.randn(16, 8, 12, 12) * torch.rand(1, 8, 1, 1).add(0.5) + ratio
@@ -58,7 +58,7 @@ def test_constant_channel_has_zero_variance_not_nan():
     assert torch.equal(y, torch.zeros_like(x))
 
 
-def test_fp16_and_bf16_keep_dtype_and_match_fp64():
+def test_fp16_and_bf16_keep_dtype_and_match_fp64(kernel_path):
     torch.manual_seed(0)
     x = torch.randn(8, 4, 6, 6) * 2 + 50
     w, b = torch.rand(4) + 0.5, torch.randn(4)

@@ -3,7 +3,8 @@
 Two measurements, each taken side by side in one run:
 
 * compute: syncbn's synchronized code path with the all-reduce made a no-op (LocalComm)
-  against local ``nn.BatchNorm`` on the same tensor, so the ratio is pure compute;
+  against local ``nn.BatchNorm`` on the same tensor, so the ratio is pure compute; once
+  with the fused CPU kernels and once with stock ops only (what runs without a compiler);
 * W=2 Gloo ranks: syncbn against a textbook SyncBN (a differentiable all-reduce of
   [mean, E[x²]]·n through generic autograd ops, as detectron2's NaiveSyncBatchNorm does),
   with local BatchNorm and the bare all-reduce latency alongside;
@@ -31,7 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from common import available_backends, make_parser, median_ms, on_ranks, save_figure, time_interleaved, write_json  # noqa: E402
 
-from syncbn import SyncBatchNorm  # noqa: E402
+from syncbn import SyncBatchNorm, kernels  # noqa: E402
 from syncbn.comm import LocalComm, resolve  # noqa: E402
 from syncbn.functional import sync_batch_norm  # noqa: E402
 
@@ -116,6 +117,20 @@ class ComputePath(nn.Module):
         )
 
 
+def _stock_ops(step):
+    """The same step with syncbn's fused CPU kernels switched off."""
+
+    def run() -> None:
+        kernels.available = lambda: False
+        try:
+            step()
+        finally:
+            kernels.available = available
+
+    available = kernels.available
+    return run
+
+
 def _local_bn(shape: tuple[int, ...]) -> nn.Module:
     return nn.BatchNorm1d(shape[1]) if len(shape) <= 3 else nn.BatchNorm2d(shape[1])
 
@@ -159,8 +174,12 @@ def compute_path(config) -> list[dict]:
     rows = []
     for shape, cl in tqdm(_cases(config["shapes"]), desc="compute path (1 process)", file=sys.stderr):
         x, dy = _inputs(shape, cl)
-        variants = {"nn.BatchNorm": _local_bn(shape), "syncbn compute": ComputePath(shape[1])}
-        samples = time_interleaved({name: _step(m, x, dy) for name, m in variants.items()}, config["reps"])
+        steps = {
+            "nn.BatchNorm": _step(_local_bn(shape), x, dy),
+            "syncbn compute": _step(ComputePath(shape[1]), x, dy),
+            "syncbn compute, stock ops": _stock_ops(_step(ComputePath(shape[1]), x, dy)),
+        }
+        samples = time_interleaved(steps, config["reps"])
         rows.append(_row(shape, cl, samples, base="nn.BatchNorm"))
     return rows
 
@@ -265,7 +284,7 @@ def main() -> None:
             _table(f"Sweep, W={world} {backend}", rows, list(rows[0]["median_ms"]), f"syncbn {backend}")
     plot_sweep(swept, settings, args.results / "layer_sweep.png")
     payload = {
-        "config": {**config, "world": 2, "sweep": settings},
+        "config": {**config, "world": 2, "sweep": settings, "cpu_kernels": kernels.available()},
         "compute_path": compute,
         "gloo_w2": gloo_rows,
         "mpi_w2": mpi_rows,

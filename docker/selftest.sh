@@ -4,8 +4,9 @@
 #   sudo bash docker/selftest.sh
 # Uses docker when an engine answers, else buildah and podman (root, vfs storage). Where no
 # image registry is reachable, python:3.11-slim is replaced by a local stand-in made with
-# debootstrap (Debian's Python 3.11, not the official image's build). Host pip settings
-# (a local wheel folder, a CA bundle) reach the build only as a secret and read-only mounts.
+# debootstrap (Debian's Python 3.11 and its headers, not the official image's build). Host
+# pip settings (a local wheel folder, a CA bundle) reach the build only as a secret and
+# read-only mounts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 image=syncbn-ci-selftest
@@ -49,7 +50,7 @@ if [ "${build[0]}" = buildah ] && ! buildah "${storage[@]}" inspect --type image
     && ! buildah "${storage[@]}" pull -q "$base" >/dev/null 2>&1; then
     echo "selftest: no registry; making a stand-in for $base with debootstrap"
     mirror=${BASE_MIRROR:-http://deb.debian.org/debian}
-    debootstrap --variant=minbase --include=python3,python3-venv bookworm "$work/rootfs" "$mirror" >/dev/null
+    debootstrap --variant=minbase --include=python3,python3-venv,python3-dev bookworm "$work/rootfs" "$mirror" >/dev/null
     chroot "$work/rootfs" python3 -m venv /usr/local
     container=$(buildah "${storage[@]}" from scratch)
     tar -C "$work/rootfs" -c . | tar -C "$(buildah "${storage[@]}" mount "$container")" -xp

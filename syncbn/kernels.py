@@ -1,10 +1,11 @@
 """Fused CPU kernels (csrc/cpu_kernels.cpp), compiled on first use and cached.
 
 Stock PyTorch ops leave two passes unfused on the CPU: the float64 moments of the input,
-and dx = a·dy + b·x + k in the backward. The kernels do each in one pass. They are built
-by ``torch.utils.cpp_extension`` (a C++ compiler and ninja are needed) into its cache, once
-per machine and torch version. Without them, or with ``SYNCBN_CPU_KERNELS=0``, syncbn warns
-once and uses stock ops: the same results, more slowly. CUDA tensors always use stock ops.
+and dx = a·dy + b·(x − mean) + k in the backward. The kernels do each in one pass. They are
+built by ``torch.utils.cpp_extension`` (a C++ compiler and ninja are needed) into its
+cache, once per machine and torch version. When they cannot be built syncbn warns once and
+uses stock ops: the same results, more slowly; ``SYNCBN_CPU_KERNELS=0`` chooses stock ops
+without a warning. CUDA tensors always use stock ops.
 """
 
 from __future__ import annotations

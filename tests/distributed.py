@@ -18,11 +18,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from syncbn import kernels
+
 PG_TIMEOUT = timedelta(seconds=60)
 
 
 def _worker(rank: int, fn: Callable[..., Any], world_size: int, store: str, args: tuple) -> None:
     torch.set_num_threads(1)
+    # Load the CPU kernels before joining, so that a slow load never runs out a peer's timeout.
+    kernels.available()
     os.environ["GLOO_SOCKET_IFNAME"] = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group(
         "gloo", store=dist.FileStore(store, world_size), rank=rank, world_size=world_size, timeout=PG_TIMEOUT

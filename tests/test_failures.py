@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 from processes import PATH, ROOT
 from torch import nn
 
-from syncbn import convert_sync_batchnorm
+from syncbn import convert_sync_batchnorm, kernels
 
 PG_TIMEOUT_S = 10
 VICTIM = 2
@@ -63,6 +63,7 @@ def train_until_a_rank_dies(rank, world, folder, where, group=None):
 
 
 def _gloo_rank(rank, world, store, folder, where):
+    kernels.available()  # loaded before joining: the short timeout is for the failure alone
     dist.init_process_group(
         "gloo", store=dist.FileStore(store, world), rank=rank, world_size=world, timeout=timedelta(seconds=PG_TIMEOUT_S)
     )

@@ -4,11 +4,12 @@
 // buffer, in one read of x, for (N, C, ...) contiguous input, where torch's statistics
 // kernel is a scalar loop. Accumulating in float64 keeps Σx² − (Σx)²/n within about
 // 1e-16·(mean/std)² relative, so no shift is needed for any data float32 can hold.
-// backward_elemt(dy, x, m, a, b, k): dx = a·dy + b·(x − m) + k per channel in one pass, where
-// stock ops need an affine pass over x and an addcmul pass over dy. Centring x on the mean
-// m first, as torch's own kernels do, keeps b·x and k from cancelling when |mean| ≫ std. It walks both dense layouts:
-// channels outer (NC... contiguous) and channels innermost (channels_last,
-// channels_last_3d, (N, C)); anything else is made dense first.
+//
+// backward_elemt(dy, x, m, a, b, k): dx = a·dy + b·(x − m) + k per channel in one pass,
+// where stock ops need an affine pass over x and an addcmul pass over dy. Centring x on the
+// mean m first, as torch's own kernels do, keeps b·x and k from cancelling when
+// |mean| ≫ std. It walks both dense layouts, channels outermost (NC... contiguous) and
+// channels innermost (channels_last, channels_last_3d, (N, C)); others are made dense first.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

@@ -86,7 +86,14 @@ def _affine(input: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> tor
     return torch.batch_norm(input, alpha, beta, zero, one, False, 0.0, 0.0, False)
 
 
-def _input_grad(grad_output, input, mean, scale, alpha, shift) -> torch.Tensor:
+def _input_grad(
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    mean: torch.Tensor,
+    scale: torch.Tensor,
+    alpha: torch.Tensor,
+    shift: torch.Tensor,
+) -> torch.Tensor:
     """scale·dy + alpha·(x − mean) + shift per channel: one fused pass on the CPU, else two stock ones."""
     if kernels.usable(input) and grad_output.dtype == input.dtype:
         acc = _acc_dtype(input)

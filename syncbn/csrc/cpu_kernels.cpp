@@ -1,7 +1,7 @@
 // The two CPU passes of synchronized batch norm that stock PyTorch ops cannot fuse.
 //
 // moments(x): this rank's (n, Σx, Σx²) per channel as syncbn's 2C+1 float64 all-reduce
-// buffer, in one read of x, for (N, C, ...) contiguous input, where torch's statistics
+// buffer, in one read of (N, C, ...) contiguous x, the layout where torch's statistics
 // kernel is a scalar loop. Accumulating in float64 keeps Σx² − (Σx)²/n within about
 // 1e-16·(mean/std)² relative, so no shift is needed for any data float32 can hold.
 //
@@ -72,10 +72,11 @@ void moments_kernel(const Dense& d, double* out) {
 }
 
 at::Tensor moments(const at::Tensor& input) {
-  const Dense d = dense(input);
-  // With channels innermost, torch's own statistics kernel is vectorized and faster.
-  TORCH_CHECK(!d.channels_innermost, "expected a contiguous input with channels outermost (got strides ",
-              input.strides(), ")");
+  // Channels-last input is left to torch's own statistics kernel, which is vectorized there.
+  TORCH_CHECK(input.dim() >= 2 && input.is_contiguous(), "expected a contiguous input of at least 2 dimensions (got ",
+              input.dim(), "D input with strides ", input.strides(), ")");
+  const int64_t slices = input.size(0) * input.size(1);
+  const Dense d{input, input.size(1), input.size(0), slices == 0 ? 0 : input.numel() / slices, false};
   at::Tensor out = at::empty({2 * d.channels + 1}, input.options().dtype(at::kDouble));
   double* data = out.mutable_data_ptr<double>();
   data[0] = static_cast<double>(d.batch * d.inner);

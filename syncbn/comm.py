@@ -7,7 +7,9 @@ math in `functional.py` never knows which backend carries the numbers.
 
 from __future__ import annotations
 
+import atexit
 import os
+import weakref
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -43,15 +45,41 @@ class LocalComm:
 
 
 class TorchComm:
-    """Any ``torch.distributed`` ProcessGroup (Gloo, NCCL, sub-groups)."""
+    """Any ``torch.distributed`` ProcessGroup (Gloo, NCCL, sub-groups).
+
+    Lifetime rule: a tensor handed to a torch.distributed collective must outlive every
+    reference the backend keeps to it. Gloo's worker thread drops its reference to the
+    work, and with it the tensor, a moment after the collective has returned. If Python
+    has already let go of that tensor, the worker owns its Python object and must take the
+    GIL to free it; when that happens during interpreter shutdown the process aborts
+    ("terminate called without an active exception"). So no caller's tensor ever reaches
+    the backend: each message is copied into a buffer that this communicator owns and
+    reuses, one per (size, dtype, device), and back out after the reduction. The buffers
+    live as long as the communicator, which `resolve` keeps for as long as its group
+    lives; the copies are 2C+1 numbers, negligible next to a collective's latency.
+    """
 
     def __init__(self, group: Any = None) -> None:
-        self.group = group
+        # A weak reference, so that the communicator cached for a group never keeps a
+        # destroyed group alive; None stands for the default group.
+        self._group = (lambda: None) if group is None else weakref.ref(group)
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        self._buffers: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+    @property
+    def group(self) -> Any:
+        return self._group()
 
     def all_reduce_(self, tensor: torch.Tensor) -> None:
-        dist.all_reduce(tensor, group=self.group)
+        key = (tensor.numel(), tensor.dtype, tensor.device)
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            buffer = self._buffers[key] = torch.empty(key[0], dtype=key[1], device=key[2])
+        staged = buffer.view(tensor.shape)
+        staged.copy_(tensor)
+        dist.all_reduce(buffer, group=self.group)
+        tensor.copy_(staged)
 
 
 class MPIComm:
@@ -86,6 +114,37 @@ class MPIComm:
             tensor.copy_(host)
 
 
+# One communicator per live group, so that its message buffers outlive the backend's use
+# of them (see TorchComm). The default group is keyed by its current ProcessGroup object.
+_torch_comms: weakref.WeakKeyDictionary[Any, TorchComm] = weakref.WeakKeyDictionary()
+_exit_hook_registered = False
+
+
+def _torch_comm(group: Any) -> TorchComm:
+    key = dist.group.WORLD if group is None else group
+    comm = _torch_comms.get(key)
+    if comm is None:
+        global _exit_hook_registered
+        if not _exit_hook_registered:
+            atexit.register(_destroy_groups_left_open)
+            _exit_hook_registered = True
+        comm = _torch_comms[key] = TorchComm(group)
+    return comm
+
+
+def _destroy_groups_left_open() -> None:
+    """Destroy the process groups a script left open, while the interpreter is still whole.
+
+    A Gloo group still alive when the interpreter shuts down is torn down with it, and its
+    worker threads can then abort the process (SIGABRT, "terminate called without an active
+    exception") after a run that succeeded. At exit nothing can use the groups any more, so
+    syncbn, once it has used torch.distributed, destroys them first; a script that called
+    ``destroy_process_group`` itself is left as it is.
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _is_mpi_comm(obj: Any) -> bool:
     # Checked by module name so that importing syncbn never imports mpi4py.
     return type(obj).__module__ == "mpi4py.MPI"
@@ -101,13 +160,13 @@ def resolve(process_group: Any = None) -> Communicator:
     """
     if process_group is None:
         if dist.is_available() and dist.is_initialized():
-            return TorchComm(None)
+            return _torch_comm(None)
         return LocalComm()
     if _is_mpi_comm(process_group):
         return MPIComm(process_group)
     if dist.is_available():
         if isinstance(process_group, dist.ProcessGroup):
-            return TorchComm(process_group)
+            return _torch_comm(process_group)
         if process_group is dist.GroupMember.NON_GROUP_MEMBER:
             # What dist.new_group returns on the ranks it leaves out.
             raise ValueError("expected this process to be a member of process_group (it is not)")

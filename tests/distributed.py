@@ -2,7 +2,10 @@
 
 Each worker joins a process group through a FileStore in the test's tmp_path, so parallel
 tests never race for ports. A worker's exception is re-raised in the parent with its
-traceback; a worker that hangs fails the test after ``timeout`` seconds.
+traceback; a worker that dies (a non-zero exit code or a signal, even after its function
+has returned) fails the test; a worker that hangs fails it after ``timeout`` seconds. Workers
+leave through ``os._exit`` and so skip interpreter shutdown: crashes at a script's exit are
+what ``exit_script.py`` and ``test_exit.py`` look for.
 """
 
 from __future__ import annotations

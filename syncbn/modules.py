@@ -61,6 +61,9 @@ class SyncBatchNorm(_BatchNorm):
       (channels_last included). Statistics are reduced in float64 and applied in at least
       float32, whatever the input dtype; fp16/bf16 inputs and ``torch.autocast`` work.
     * ``torch.compile`` runs it: the synchronized call is a graph break and runs eagerly.
+    * **Pickling** (``torch.save(model)``, ``pickle``) drops ``process_group``: a loaded
+      layer has ``process_group=None``, the default group of the process that loads it.
+      ``copy.deepcopy`` (an EMA model, say) shares the group instead.
 
     Args:
         num_features: C, the number of channels.
@@ -140,6 +143,13 @@ class SyncBatchNorm(_BatchNorm):
             comm,
             check_finite=self.check_finite or debugging,
         )
+
+    def __getstate__(self) -> dict:
+        # Pickling (torch.save(model), the pickle module) saves state, and a process group is a
+        # handle on this job's processes: a loaded layer syncs over the default group.
+        state = self.__dict__.copy()
+        state["process_group"] = None
+        return state
 
     def __deepcopy__(self, memo: dict) -> SyncBatchNorm:
         # A process group is a handle on other processes, not state: copies (an EMA model,

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import pickle
+import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 from cases import CHANNELS, global_batch, rank_slice
 from distributed import run_distributed
+from processes import run_command
 from torch import nn
 from torch.testing import assert_close
 
@@ -152,6 +155,35 @@ def deep_copy_shares_the_group(rank, world, group=None):
 
 def test_deep_copy_shares_the_group(tmp_path):
     run_distributed(deep_copy_shares_the_group, 2, tmp_path)
+
+
+def save_with_a_group(rank, world, path, group=None):
+    pair = new_groups(world, group)
+    model = convert_sync_batchnorm(_model(), pair)
+    model(torch.randn(3, 3, 10, 10)).sum().backward()
+    copied = pickle.loads(pickle.dumps(model))
+    assert copied[1].process_group is None and model[1].process_group is pair
+    if rank == 0:
+        torch.save(model, path)
+
+
+LOAD_AND_TRAIN = """
+import sys, torch
+model = torch.load(sys.argv[1], weights_only=False)
+assert model[1].process_group is None, model[1].process_group
+steps = model[1].num_batches_tracked.item()
+model(torch.randn(4, 3, 10, 10)).sum().backward()
+assert model[1].num_batches_tracked.item() == steps + 1
+print("trained", type(model[1]).__name__)
+"""
+
+
+def test_a_model_saved_with_a_group_loads_and_trains_without_one(tmp_path):
+    """A group is a runtime handle: pickling drops it; a fresh process trains on its own."""
+    path = tmp_path / "model.pt"
+    run_distributed(save_with_a_group, 2, tmp_path, str(path))
+    out = run_command([sys.executable, "-c", LOAD_AND_TRAIN, str(path)], timeout=120)
+    assert "trained SyncBatchNorm" in out
 
 
 def test_group_without_this_rank_is_an_error(tmp_path):

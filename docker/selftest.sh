@@ -1,29 +1,52 @@
 #!/usr/bin/env bash
 # Build the CPU CI image, run its default command (the test suite), print PASS or FAIL with
 # the image's size, and remove everything this script created.
-#   sudo bash docker/selftest.sh
+#   sudo bash docker/selftest.sh           build, test, clean up
+#   bash docker/selftest.sh --check        only check that the tools are there
 # Uses docker when an engine answers, else buildah and podman (root, vfs storage). Where no
 # image registry is reachable, python:3.11-slim is replaced by a local stand-in made with
 # debootstrap (Debian's Python 3.11 and its headers, not the official image's build). Host
 # pip settings (a local wheel folder, a CA bundle) reach the build only as a secret and
-# read-only mounts.
+# read-only mounts. A missing tool is named, with the apt line that installs it, and the
+# script exits 2 before doing anything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 image=syncbn-ci-selftest
 base=docker.io/library/python:3.11-slim
-work=$(mktemp -d)
 made_base=0
 index=${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}
 
-if docker info >/dev/null 2>&1; then
+if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
     build=(docker build) run=(docker run --rm --shm-size 1g) remove=(docker rmi -f) size=(docker image inspect -f '{{.Size}}')
 else
+    # No engine: buildah builds, podman runs, with runc as its OCI runtime. crun, which
+    # Debian's podman brings, fails on hybrid cgroups ("cgroups in hybrid mode not
+    # supported"), so it stands in for runc only on a unified (v2) hierarchy.
+    runtime=$(command -v runc || true)
+    if [ -z "$runtime" ] && [ "$(stat -fc %T /sys/fs/cgroup)" = cgroup2fs ]; then
+        runtime=$(command -v crun || true)
+    fi
+    missing=()
+    for tool in buildah podman debootstrap; do
+        command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+    done
+    [ -n "$runtime" ] || missing+=(runc)
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "selftest: needs a Docker engine, or these tools to build and run without one: ${missing[*]}" >&2
+        echo "selftest: install them with: apt-get update && apt-get install -y ${missing[*]}" >&2
+        exit 2
+    fi
     storage=(--storage-driver vfs)
     build=(buildah "${storage[@]}" bud --isolation chroot) remove=(buildah "${storage[@]}" rmi -f)
-    run=(podman "${storage[@]}" --cgroup-manager cgroupfs --events-backend file run --rm --runtime runc
+    run=(podman "${storage[@]}" --cgroup-manager cgroupfs --events-backend file run --rm --runtime "$runtime"
          --network host --ulimit nofile=20000:20000 --ulimit nproc=32768:32768 --shm-size 1g)
     size=(podman "${storage[@]}" image inspect -f '{{.Size}}')
 fi
+if [ "${1:-}" = --check ]; then
+    echo "selftest: tools present (${build[0]})"
+    exit 0
+fi
+work=$(mktemp -d)
 
 cleanup() {
     "${remove[@]}" "$image" >/dev/null 2>&1 || true

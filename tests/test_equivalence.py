@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from cases import CHANNELS, global_batch, local_bn_class, memory_format, rank_slice
@@ -76,3 +78,31 @@ def spec_worker(rank, world, dims, group=None):
 def test_matches_batchnorm_on_global_batch(tmp_path, world, dims):
     """Every layout (channels_last too), affine on/off and momentum 0.1/None, in fp64 to 1e-9."""
     run_distributed(spec_worker, world, tmp_path, dims)
+
+
+def ddp_uneven_loss_scaling(rank, world, group=None):
+    """The README's recipe: scale each rank's mean loss by its share of the global batch."""
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+
+    from syncbn import convert_sync_batchnorm
+
+    sizes = [3, 5]
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(4, CHANNELS), nn.BatchNorm1d(CHANNELS), nn.Linear(CHANNELS, 1)).double()
+    model = DistributedDataParallel(convert_sync_batchnorm(copy.deepcopy(ref)))
+    x, _ = global_batch(0, sum(sizes), 2)
+    x = x[:, :4].contiguous()
+    y = x.sum(1, keepdim=True).sin()
+    ref_loss = nn.functional.mse_loss(ref(x), y)
+    ref_loss.backward()
+    mine = rank_slice(sizes, rank)
+    loss = nn.functional.mse_loss(model(x[mine]), y[mine])
+    (loss * (sizes[rank] * world / sum(sizes))).backward()
+    for (name, p), q in zip(model.module.named_parameters(), ref.parameters(), strict=True):
+        _close(p.grad, q.grad, f"rank {rank}: grad of {name}")
+
+
+@pytest.mark.distributed
+def test_ddp_with_uneven_batches_matches_one_process(tmp_path):
+    run_distributed(ddp_uneven_loss_scaling, 2, tmp_path)

@@ -6,7 +6,8 @@ import json
 import sys
 
 import pytest
-from processes import run_command
+import torch
+from processes import ROOT, run_command
 
 
 @pytest.mark.distributed
@@ -55,3 +56,29 @@ def test_convergence_quick(tmp_path):
     assert all(0 <= m["mean"] <= 1 for m in methods.values())
     assert sum(r["study"] == "lr" for r in payload["runs"]) == 4
     assert (tmp_path / "convergence.png").stat().st_size > 0
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_0(tmp_path):
+    out = run_command(
+        [sys.executable, "benchmarks/gpu_check.py", "--results", str(tmp_path)], timeout=120, CUDA_VISIBLE_DEVICES=""
+    )
+    assert out.strip().splitlines() == [
+        "gpu_check: no CUDA device (torch.cuda.is_available() is False); nothing to check"
+    ]
+    assert not (tmp_path / "gpu.json").exists()
+
+
+def test_gpu_check_helpers_on_cpu(monkeypatch):
+    """The equivalence cases the GPU run makes pass on the CPU, and fail when the sync is broken."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_check
+
+    rows = gpu_check.equivalence(0, 1, gpu_check.NoOpComm(), device="cpu")
+    assert len(rows) == 4 and all(row["ok"] for row in rows), rows
+
+    class HalfComm(gpu_check.NoOpComm):
+        def all_reduce_(self, tensor):
+            tensor.mul_(0.5)
+
+    assert not gpu_check.equivalence_case(0, 1, HalfComm(), torch.float64, False, device="cpu")["ok"]
+    assert sum(c * s * s for c, s in gpu_check.RESNET50_BN) > 0 and len(gpu_check.RESNET50_BN) == 12

@@ -128,6 +128,7 @@ class _SyncBatchNorm(torch.autograd.Function):
                 f"(got 1; this rank's input size {list(input.shape)})"
             )
         ctx.comm, ctx.count = comm, count
+        ctx.weight = weight
         if count == 0:
             if running_mean is not None:
                 _update_running_stats(running_mean, running_var, num_batches_tracked, momentum, 0, None, None)
@@ -150,6 +151,8 @@ class _SyncBatchNorm(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output):
         input, mean, invstd, scale = ctx.saved_tensors
+        if input.is_cuda and input.numel():
+            return _cuda_backward(ctx, grad_output, input, mean, invstd)
         if input.numel():
             _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
                 grad_output, input, None, None, None, mean, invstd, True, 0.0, [False, True, True]
@@ -171,6 +174,32 @@ class _SyncBatchNorm(torch.autograd.Function):
         grad_weight = sum_dy_xhat if ctx.needs_input_grad[1] else None
         grad_bias = sum_dy if ctx.needs_input_grad[2] else None
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+
+def _cuda_backward(ctx, grad_output, input, mean, invstd):
+    """The backward with torch's fused CUDA kernels, as torch.nn.SyncBatchNorm uses them.
+
+    One read of dy and x gives (Σdy, Σdy·(x−mean)); one all-reduce of those 2C numbers in
+    float64; one pass writes dx. The stock path's dx takes two passes.
+    """
+    if not grad_output.is_contiguous(memory_format=torch.channels_last):
+        grad_output = grad_output.contiguous()
+    weight = None if ctx.weight is None else ctx.weight.to(mean.dtype)
+    sum_dy, sum_dy_xmu, _, _ = torch.batch_norm_backward_reduce(
+        grad_output, input, mean, invstd, weight, True, False, False
+    )
+    grad_input = None
+    if ctx.needs_input_grad[0]:
+        sums = torch.cat([sum_dy, sum_dy_xmu]).double()
+        ctx.comm.all_reduce_(sums)
+        global_dy, global_dy_xmu = sums.to(mean.dtype).view(2, -1)
+        count = torch.full((1,), ctx.count, dtype=torch.int32, device=input.device)
+        grad_input = torch.batch_norm_backward_elemt(
+            grad_output, input, mean, invstd, weight, global_dy, global_dy_xmu, count
+        )
+    grad_weight = (sum_dy_xmu * invstd).to(ctx.weight.dtype) if ctx.needs_input_grad[1] else None
+    grad_bias = sum_dy.to(ctx.weight.dtype) if ctx.needs_input_grad[2] else None
+    return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 @torch.compiler.disable

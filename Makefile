@@ -8,7 +8,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(abspath $(VENV))/bin
 
-.PHONY: demo test bench gpu-check
+.PHONY: kernels demo test bench gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -16,10 +16,14 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test,mpi,demo,bench]"
 	touch $@
 
-demo: $(VENV)/.installed
+# The CPU kernels build (once, about 20 s) in a step of their own, before any progress bar.
+kernels: $(VENV)/.installed
+	$(BIN)/python -c "import syncbn.kernels as k; print('syncbn: CPU kernels', 'ready' if k.available() else 'unavailable')"
+
+demo: kernels
 	PATH="$(BIN):$$PATH" bash launch/torchrun.sh 2
 
-test: $(VENV)/.installed
+test: kernels
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	PATH="$(BIN):$$PATH" $(BIN)/python -m pytest -n auto

@@ -3,15 +3,20 @@
 Stock PyTorch ops leave two passes unfused on the CPU: the float64 moments of the input,
 and dx = a·dy + b·(x − mean) + k in the backward. The kernels do each in one pass. They are
 built by ``torch.utils.cpp_extension`` (a C++ compiler and ninja are needed) into its
-cache, once per machine and torch version. When they cannot be built syncbn warns once and
-uses stock ops: the same results, more slowly; ``SYNCBN_CPU_KERNELS=0`` chooses stock ops
-without a warning. CUDA tensors always use stock ops.
+cache, once per machine and torch version, with OpenMP so that ``at::parallel_for`` uses
+torch's own thread pool; a build prints one line to stderr as it starts and one as it
+ends. When they cannot be built syncbn warns once and uses stock ops: the same results,
+more slowly; ``SYNCBN_CPU_KERNELS=0`` chooses stock ops without a warning. CUDA tensors
+always use stock ops. ``syncbn.kernels.available()`` builds them ahead of time.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -23,8 +28,13 @@ _SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 # AVX2 code only where torch itself runs AVX2 code, under its own cache name, so that a cache
 # shared by machines of different CPUs never hands one a build it cannot run.
 _AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-_NAME = "syncbn_cpu_kernels" + ("_avx2" if _AVX2 else "")
-_FLAGS = ["-O3", "-fopenmp-simd"] + (["-mavx2", "-mfma"] if _AVX2 else [])
+# -fopenmp links the libgomp that torch has already loaded (same soname), so the kernels
+# share torch's OpenMP threads and follow torch.set_num_threads.
+_FLAGS = ["-O3", "-fopenmp"] + (["-mavx2", "-mfma"] if _AVX2 else [])
+# The cache name carries a digest of the source and flags: a changed build gets a new
+# folder, so whether a build is needed is known before it starts.
+_DIGEST = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:12]
+_NAME = f"syncbn_cpu_kernels_{_DIGEST}" + ("_avx2" if _AVX2 else "")
 
 
 @functools.cache
@@ -33,9 +43,19 @@ def available() -> bool:
     if os.environ.get("SYNCBN_CPU_KERNELS", "1") == "0":
         return False
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
-        load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=_FLAGS, is_python_module=False)
+        # torch's own choice of folder (under TORCH_EXTENSIONS_DIR, per Python and CUDA tag).
+        folder = Path(_get_build_directory(_NAME, verbose=False))
+        building = not (folder / f"{_NAME}.so").exists()
+        if building:
+            print(f"syncbn: building the CPU kernels once, in {folder} (about 20 s)", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        load(
+            name=_NAME, sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False
+        )
+        if building:
+            print(f"syncbn: CPU kernels built in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     except Exception as error:  # no compiler, no ninja, read-only cache: the stock path still works
         message = f"syncbn: CPU kernels unavailable, using stock ops (slower): {error}"
         warnings.warn(message, RuntimeWarning, stacklevel=2)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -119,3 +121,38 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
             assert not kernels.usable(torch.randn(2, 3))
     finally:
         kernels.available.cache_clear()
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    """Each channel's sums are taken by one thread in a fixed order, and dx is elementwise,
+    so 1 and 2 intra-op threads give bit-identical results."""
+    if not kernels.available():
+        pytest.skip("kernels unavailable")
+    x = torch.randn(8, 64, 32, 32) * 3 + 5
+    dy, c = torch.randn_like(x), torch.rand(64)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(
+                (torch.ops.syncbn.moments(x), torch.ops.syncbn.backward_elemt(dy, x, c, c, c, c), _local_moments(x))
+            )
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results, strict=True):
+        assert torch.equal(one, two)
+
+
+def test_a_build_says_when_it_starts_and_ends(tmp_path):
+    """A cold cache builds with one line to stderr before and one after; a warm one is silent."""
+    if os.environ.get("SYNCBN_CPU_KERNELS") == "0":
+        pytest.skip("SYNCBN_CPU_KERNELS=0")
+    code = "import syncbn.kernels as k; assert k.available()"
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=240)]
+    runs.append(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=240))
+    assert [run.returncode for run in runs] == [0, 0], runs
+    lines = [line for line in runs[0].stderr.splitlines() if line.startswith("syncbn:")]
+    assert len(lines) == 2 and "building the CPU kernels once" in lines[0] and "built in" in lines[1], runs[0].stderr
+    assert "syncbn:" not in runs[1].stderr

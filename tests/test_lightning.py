@@ -40,9 +40,10 @@ def _one_process_reference() -> dict:
 
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
-def test_ddp_on_two_cpu_processes_equals_one_process(tmp_path):
+@pytest.mark.parametrize("blocks", [[], ["--group-size", "2"]], ids=["default group", "new_groups block"])
+def test_ddp_on_two_cpu_processes_equals_one_process(tmp_path, blocks):
     run_command(
-        [sys.executable, "tests/lightning_main.py", str(tmp_path)],
+        [sys.executable, "tests/lightning_main.py", str(tmp_path), *blocks],
         timeout=280,
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=_free_port(),

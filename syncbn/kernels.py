@@ -12,12 +12,14 @@ always use stock ops. ``syncbn.kernels.available()`` builds them ahead of time.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -37,6 +39,27 @@ _DIGEST = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdi
 _NAME = f"syncbn_cpu_kernels_{_DIGEST}" + ("_avx2" if _AVX2 else "")
 
 
+@contextlib.contextmanager
+def _own_ninja() -> Iterator[None]:
+    """Put the ninja of syncbn's own dependency first on PATH while torch builds or loads.
+
+    Ninja versions hash their build logs differently (1.11 and 1.13 disagree), so a cache
+    built by one ninja is rebuilt by the other: a shell whose PATH finds the system's ninja
+    and a launcher whose PATH finds the environment's would rebuild at every switch.
+    """
+    try:
+        import ninja
+    except ImportError:
+        yield
+        return
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{path}"
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
+
+
 @functools.cache
 def available() -> bool:
     """Whether ``torch.ops.syncbn`` is loaded, building it first if it is not cached yet."""
@@ -51,9 +74,14 @@ def available() -> bool:
         if building:
             print(f"syncbn: building the CPU kernels once, in {folder} (about 20 s)", file=sys.stderr, flush=True)
         started = time.perf_counter()
-        load(
-            name=_NAME, sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False
-        )
+        with _own_ninja():
+            load(
+                name=_NAME,
+                sources=[str(_SOURCE)],
+                extra_cflags=_FLAGS,
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,
+            )
         if building:
             print(f"syncbn: CPU kernels built in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     except Exception as error:  # no compiler, no ninja, read-only cache: the stock path still works

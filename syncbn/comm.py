@@ -8,6 +8,7 @@ math in `functional.py` never knows which backend carries the numbers.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import weakref
 from datetime import timedelta
@@ -117,19 +118,20 @@ class MPIComm:
 # One communicator per live group, so that its message buffers outlive the backend's use
 # of them (see TorchComm). The default group is keyed by its current ProcessGroup object.
 _torch_comms: weakref.WeakKeyDictionary[Any, TorchComm] = weakref.WeakKeyDictionary()
-_exit_hook_registered = False
 
 
 def _torch_comm(group: Any) -> TorchComm:
     key = dist.group.WORLD if group is None else group
     comm = _torch_comms.get(key)
     if comm is None:
-        global _exit_hook_registered
-        if not _exit_hook_registered:
-            atexit.register(_destroy_groups_left_open)
-            _exit_hook_registered = True
+        _register_exit_hook()
         comm = _torch_comms[key] = TorchComm(group)
     return comm
+
+
+@functools.cache
+def _register_exit_hook() -> None:
+    atexit.register(_destroy_groups_left_open)
 
 
 def _destroy_groups_left_open() -> None:

@@ -33,3 +33,14 @@ def global_batch(step: int, total: int, dims: int, dtype=torch.float64) -> tuple
 def rank_slice(sizes: list[int], rank: int) -> slice:
     start = sum(sizes[:rank])
     return slice(start, start + sizes[rank])
+
+
+def small_cnn() -> nn.Module:
+    """Conv, BatchNorm2d, ReLU, Linear in float64, seeded: the model the framework tests train."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 1)).double()
+
+
+def small_cnn_input(n: int, generator: torch.Generator) -> torch.Tensor:
+    """n float64 images of 3×6×6 with mean 1 and std 2, for `small_cnn`."""
+    return torch.randn(n, 3, 6, 6, generator=generator, dtype=torch.float64) * 2 + 1

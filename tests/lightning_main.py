@@ -13,7 +13,7 @@ import sys
 import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
-from torch import nn
+from cases import small_cnn, small_cnn_input
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from syncbn.lightning import SyncBatchNormPlugin
@@ -21,22 +21,17 @@ from syncbn.lightning import SyncBatchNormPlugin
 PER_RANK, STEPS, WORLD = 3, 4, 2
 
 
-def make_net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 1)).double()
-
-
 def make_data() -> TensorDataset:
     g = torch.Generator().manual_seed(1)
     n = PER_RANK * STEPS * WORLD
-    x = torch.randn(n, 3, 6, 6, generator=g, dtype=torch.float64) * 2 + 1
+    x = small_cnn_input(n, g)
     return TensorDataset(x, torch.randn(n, generator=g, dtype=torch.float64))
 
 
 class Model(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
-        self.net = make_net()
+        self.net = small_cnn()
 
     def training_step(self, batch, index):
         x, y = batch

@@ -12,7 +12,8 @@ from torch.testing import assert_close
 pytest.importorskip("lightning")
 
 import lightning.pytorch as L  # noqa: E402
-from lightning_main import PER_RANK, STEPS, WORLD, make_data, make_net  # noqa: E402
+from cases import small_cnn  # noqa: E402
+from lightning_main import PER_RANK, STEPS, WORLD, make_data  # noqa: E402
 from processes import run_command  # noqa: E402
 
 from syncbn.lightning import SyncBatchNormPlugin  # noqa: E402
@@ -26,7 +27,7 @@ def _free_port() -> str:
 
 def _one_process_reference() -> dict:
     """Plain BatchNorm over each step's global batch, with the loss DDP averages."""
-    net = make_net()
+    net = small_cnn()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     x, y = make_data().tensors
     for step in range(STEPS):
@@ -64,7 +65,7 @@ def test_plugin_converts_and_reverts():
     from syncbn import SyncBatchNorm
 
     plugin = SyncBatchNormPlugin()
-    net = plugin.apply(make_net())
+    net = plugin.apply(small_cnn())
     assert isinstance(net[1], SyncBatchNorm)
     assert type(plugin.revert(net)[1]) is torch.nn.BatchNorm2d
     with pytest.raises(ValueError, match="process_group or group_size"):

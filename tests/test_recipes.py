@@ -7,9 +7,8 @@ import os
 
 import pytest
 import torch
-from cases import rank_slice
+from cases import rank_slice, small_cnn, small_cnn_input
 from distributed import run_distributed
-from torch import nn
 from torch.testing import assert_close
 
 import syncbn
@@ -17,16 +16,6 @@ import syncbn
 pytestmark = pytest.mark.distributed
 
 SIZES = [4, 4]
-
-
-def _net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 1)).double()
-
-
-def _data():
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(sum(SIZES), 3, 6, 6, generator=g, dtype=torch.float64) * 2 + 1
 
 
 def accelerate_step(rank, world, group=None):
@@ -37,12 +26,12 @@ def accelerate_step(rank, world, group=None):
     os.environ.setdefault("MASTER_PORT", "0")  # the group exists already; Accelerate only reads these
     accelerator = accelerate.Accelerator(cpu=True)
     assert accelerator.num_processes == world
-    ref = _net()
+    ref = small_cnn()
     model = syncbn.convert_sync_batchnorm(copy.deepcopy(ref))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model, optimizer = accelerator.prepare(model, optimizer)
     assert isinstance(accelerator.unwrap_model(model)[1], syncbn.SyncBatchNorm)
-    x = _data()
+    x = small_cnn_input(sum(SIZES), torch.Generator().manual_seed(1))
     model(x[rank_slice(SIZES, rank)]).square().mean().backward()
     optimizer.step()
     ref_optimizer = torch.optim.SGD(ref.parameters(), lr=0.1)

@@ -33,9 +33,13 @@ _AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 # -fopenmp links the libgomp that torch has already loaded (same soname), so the kernels
 # share torch's OpenMP threads and follow torch.set_num_threads.
 _FLAGS = ["-O3", "-fopenmp"] + (["-mavx2", "-mfma"] if _AVX2 else [])
-# The cache name carries a digest of the source and flags: a changed build gets a new
-# folder, so whether a build is needed is known before it starts.
-_DIGEST = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:12]
+# The cache name carries a digest of everything torch writes into the build file: the
+# source (its text and its path), the flags and the torch installation. A changed build, or
+# another checkout or environment sharing the cache, gets a folder of its own, so whether a
+# build is needed is known before it starts and two checkouts never rebuild each other's.
+_DIGEST = hashlib.sha256(
+    "\0".join([_SOURCE.read_text(), str(_SOURCE), " ".join(_FLAGS), torch.__file__]).encode()
+).hexdigest()[:12]
 _NAME = f"syncbn_cpu_kernels_{_DIGEST}" + ("_avx2" if _AVX2 else "")
 
 

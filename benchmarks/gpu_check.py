@@ -35,7 +35,7 @@ from common import make_parser, on_ranks, write_json
 from torch import nn
 
 from syncbn import SyncBatchNorm
-from syncbn.comm import TorchComm
+from syncbn.comm import TorchComm, resolve
 from syncbn.functional import sync_batch_norm
 
 # (channels, height = width) of every BatchNorm in torchvision's ResNet-50 at 224×224.
@@ -88,7 +88,7 @@ def equivalence_case(rank, world, group, dtype, channels_last, device="cuda") ->
         y.backward(dy[mine])
         grads = torch.cat([sync.weight.grad, sync.bias.grad])
         if world > 1:
-            TorchComm(group).all_reduce_(grads)  # DDP's sum of the ranks' gradients
+            resolve(group).all_reduce_(grads)  # DDP's sum of the ranks' gradients
         for name, a, e in [
             ("y", y, y_ref[mine]),
             ("dx", xs.grad, xr.grad[mine]),

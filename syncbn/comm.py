@@ -1,14 +1,19 @@
 """The one door to other processes: collectives over torch.distributed or mpi4py.
 
 SyncBatchNorm needs three things from a group of processes: its size, this process's
-rank in it, and a summing all-reduce in place. `Communicator` names exactly that, so the
-math in `functional.py` never knows which backend carries the numbers.
+rank in it, and a summing all-reduce. `Communicator` names exactly that, so the math never
+knows which backend carries the numbers.
+
+`all_reduce(comm, tensor)` is the out-of-place sum the layer uses, and torch.compile can
+trace it: torch.distributed groups go through functional collectives
+(``_c10d_functional.all_reduce`` + ``wait_tensor``) while tracing, and MPI or a
+Communicator of the caller's own through the ``syncbn::all_reduce`` custom op. Each
+communicator has a string `key`, by which an op's backward finds it again (`lookup`).
 """
 
 from __future__ import annotations
 
 import atexit
-import functools
 import os
 import weakref
 from datetime import timedelta
@@ -16,10 +21,35 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+
+# torch.distributed.nn's functions take the default group of the moment they are imported as
+# a default argument, and so keep it alive for good. torch imports that module lazily (the
+# first call of a custom op does, through torch._dynamo), and a default group pinned that way
+# outlives destroy_process_group and is torn down in interpreter shutdown, where Gloo aborts
+# the process. Imported here, with syncbn, it is imported before any group exists.
+import torch.distributed.nn  # noqa: F401
+from torch.distributed._functional_collectives import _are_we_tracing
 
 from .placement import discover
 
-__all__ = ["Communicator", "LocalComm", "TorchComm", "MPIComm", "resolve", "new_groups", "init", "shutdown"]
+__all__ = [
+    "Communicator",
+    "LocalComm",
+    "TorchComm",
+    "MPIComm",
+    "resolve",
+    "all_reduce",
+    "key",
+    "lookup",
+    "new_groups",
+    "init",
+    "shutdown",
+]
+
+
+# Every communicator a layer has used, by key, for the backward of its ops (see `lookup`).
+_by_key: dict[str, Any] = {}
 
 
 class Communicator(Protocol):
@@ -40,9 +70,13 @@ class LocalComm:
 
     world_size = 1
     rank = 0
+    key = "local"
 
     def all_reduce_(self, tensor: torch.Tensor) -> None:
         pass
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
 
 
 class TorchComm:
@@ -57,13 +91,16 @@ class TorchComm:
     the backend: each message is copied into a buffer that this communicator owns and
     reuses, one per (size, dtype, device), and back out after the reduction. The buffers
     live as long as the communicator, which `resolve` keeps for as long as its group
-    lives; the copies are 2C+1 numbers, negligible next to a collective's latency.
+    lives; the copies are 2C+1 numbers, negligible next to a collective's latency. Under
+    torch.compile the compiled graph owns the functional collectives' buffers instead.
     """
 
-    def __init__(self, group: Any = None) -> None:
+    def __init__(self, group: Any) -> None:
         # A weak reference, so that the communicator cached for a group never keeps a
-        # destroyed group alive; None stands for the default group.
-        self._group = (lambda: None) if group is None else weakref.ref(group)
+        # destroyed group alive.
+        self._group = weakref.ref(group)
+        self.group_name = group.group_name
+        self.key = f"torch:{self.group_name}"
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self._buffers: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
@@ -72,14 +109,24 @@ class TorchComm:
     def group(self) -> Any:
         return self._group()
 
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if _are_we_tracing():
+            return funcol.wait_tensor(torch.ops._c10d_functional.all_reduce(tensor, "sum", self.group_name))
+        summed = tensor.clone()
+        self.all_reduce_(summed)
+        return summed
+
     def all_reduce_(self, tensor: torch.Tensor) -> None:
+        group = self.group
+        if group is None:
+            raise RuntimeError(f"SyncBatchNorm: process group {self.group_name!r} was destroyed")
         key = (tensor.numel(), tensor.dtype, tensor.device)
         buffer = self._buffers.get(key)
         if buffer is None:
             buffer = self._buffers[key] = torch.empty(key[0], dtype=key[1], device=key[2])
         staged = buffer.view(tensor.shape)
         staged.copy_(tensor)
-        dist.all_reduce(buffer, group=self.group)
+        dist.all_reduce(buffer, group=group)
         tensor.copy_(staged)
 
 
@@ -97,6 +144,7 @@ class MPIComm:
         if comm == MPI.COMM_NULL:
             raise ValueError("expected this process to be a member of process_group (got MPI.COMM_NULL)")
         self.comm = comm
+        self.key = f"mpi:{comm.py2f()}"
         self.rank = comm.Get_rank()
         self.world_size = comm.Get_size()
         self._in_place = MPI.IN_PLACE
@@ -115,23 +163,63 @@ class MPIComm:
             tensor.copy_(host)
 
 
-# One communicator per live group, so that its message buffers outlive the backend's use
-# of them (see TorchComm). The default group is keyed by its current ProcessGroup object.
-_torch_comms: weakref.WeakKeyDictionary[Any, TorchComm] = weakref.WeakKeyDictionary()
-
-
 def _torch_comm(group: Any) -> TorchComm:
-    key = dist.group.WORLD if group is None else group
-    comm = _torch_comms.get(key)
-    if comm is None:
-        _register_exit_hook()
-        comm = _torch_comms[key] = TorchComm(group)
+    # One communicator per live group, kept by key, so that its message buffers outlive the
+    # backend's use of them (see TorchComm); a destroyed group's name can be reused.
+    group = dist.group.WORLD if group is None else group
+    comm = _by_key.get(f"torch:{group.group_name}")
+    if comm is None or comm.group is None:
+        comm = _by_key[f"torch:{group.group_name}"] = TorchComm(group)
     return comm
 
 
-@functools.cache
-def _register_exit_hook() -> None:
-    atexit.register(_destroy_groups_left_open)
+def _mpi_comm(process_group: Any) -> MPIComm:
+    comm = _by_key.get(f"mpi:{process_group.py2f()}")
+    if comm is None or comm.comm is not process_group:
+        comm = MPIComm(process_group)
+        _by_key[comm.key] = comm
+    return comm
+
+
+def key(comm: Communicator) -> str:
+    """The name by which `lookup` finds ``comm`` again in this process."""
+    if isinstance(comm, (LocalComm, TorchComm, MPIComm)):
+        return comm.key
+    name = f"{type(comm).__qualname__}:{id(comm)}"
+    _by_key[name] = comm
+    return name
+
+
+def lookup(name: str) -> Communicator:
+    """The communicator named ``name`` by `key`."""
+    if name == LocalComm.key:
+        return LocalComm()
+    if name not in _by_key and name.startswith("torch:"):
+        # Resolved while torch.compile traced the forward: Dynamo registers it only when the
+        # compiled code first runs, after the backward's trace, which needs just the name.
+        return TorchComm(dist.distributed_c10d._resolve_process_group(name.removeprefix("torch:")))
+    return _by_key[name]
+
+
+def all_reduce(comm: Communicator, tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of ``tensor`` over the members of ``comm``, as a new tensor; traceable."""
+    if isinstance(comm, (TorchComm, LocalComm)):
+        return comm.all_reduce(tensor)
+    return _opaque_all_reduce(tensor, key(comm))
+
+
+@torch.library.custom_op("syncbn::all_reduce", mutates_args=())
+def _opaque_all_reduce(tensor: torch.Tensor, group: str) -> torch.Tensor:
+    """A Communicator's in-place ``all_reduce_`` (MPI, or the caller's own) as an op that
+    torch.compile keeps whole in its graph."""
+    summed = tensor.clone()
+    lookup(group).all_reduce_(summed)
+    return summed
+
+
+@_opaque_all_reduce.register_fake
+def _(tensor, group):
+    return torch.empty_like(tensor)
 
 
 def _destroy_groups_left_open() -> None:
@@ -140,11 +228,15 @@ def _destroy_groups_left_open() -> None:
     A Gloo group still alive when the interpreter shuts down is torn down with it, and its
     worker threads can then abort the process (SIGABRT, "terminate called without an active
     exception") after a run that succeeded. At exit nothing can use the groups any more, so
-    syncbn, once it has used torch.distributed, destroys them first; a script that called
-    ``destroy_process_group`` itself is left as it is.
+    syncbn destroys them first; a script that called ``destroy_process_group`` itself is left
+    as it is. Registered when syncbn is imported (code that torch.compile traces cannot
+    register it), it runs after the exit handlers registered later.
     """
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+atexit.register(_destroy_groups_left_open)
 
 
 def _is_mpi_comm(obj: Any) -> bool:
@@ -152,7 +244,6 @@ def _is_mpi_comm(obj: Any) -> bool:
     return type(obj).__module__ == "mpi4py.MPI"
 
 
-@torch.compiler.disable
 def resolve(process_group: Any = None) -> Communicator:
     """Turn a ``process_group=`` argument into a Communicator.
 
@@ -165,7 +256,7 @@ def resolve(process_group: Any = None) -> Communicator:
             return _torch_comm(None)
         return LocalComm()
     if _is_mpi_comm(process_group):
-        return MPIComm(process_group)
+        return _mpi_comm(process_group)
     if dist.is_available():
         if isinstance(process_group, dist.ProcessGroup):
             return _torch_comm(process_group)

@@ -1,13 +1,12 @@
-"""Fused CPU kernels (csrc/cpu_kernels.cpp), compiled on first use and cached.
+"""Building and loading the C++ CPU kernels (csrc/cpu_kernels.cpp) behind `syncbn.ops`.
 
-Stock PyTorch ops leave two passes unfused on the CPU: the float64 moments of the input,
-and dx = a·dy + b·(x − mean) + k in the backward. The kernels do each in one pass. They are
-built by ``torch.utils.cpp_extension`` (a C++ compiler and ninja are needed) into its
-cache, once per machine and torch version, with OpenMP so that ``at::parallel_for`` uses
-torch's own thread pool; a build prints one line to stderr as it starts and one as it
-ends. When they cannot be built syncbn warns once and uses stock ops: the same results,
-more slowly; ``SYNCBN_CPU_KERNELS=0`` chooses stock ops without a warning. CUDA tensors
-always use stock ops. ``syncbn.kernels.available()`` builds them ahead of time.
+They are built on first use by ``torch.utils.cpp_extension`` (a C++ compiler and ninja are
+needed) into its cache, once per machine and torch version, with OpenMP so that
+``at::parallel_for`` uses torch's own thread pool; a build prints one line to stderr as it
+starts and one as it ends. When they cannot be built syncbn warns once and the ops run on
+stock PyTorch ops (`syncbn.reference`): the same results, more slowly.
+``SYNCBN_CPU_KERNELS=0`` chooses stock ops without a warning. ``syncbn.kernels.available()``
+builds them ahead of time.
 """
 
 from __future__ import annotations
@@ -24,15 +23,17 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "usable", "moments_usable"]
+__all__ = ["available"]
 
 _SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 # AVX2 code only where torch itself runs AVX2 code, under its own cache name, so that a cache
-# shared by machines of different CPUs never hands one a build it cannot run.
+# shared by machines of different CPUs never hands one a build it cannot run. The
+# CPU_CAPABILITY macros select ATen's AVX2 `Vectorized` (and its fp16/bf16 conversions).
 _AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+_VECTOR = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
 # -fopenmp links the libgomp that torch has already loaded (same soname), so the kernels
 # share torch's OpenMP threads and follow torch.set_num_threads.
-_FLAGS = ["-O3", "-fopenmp"] + (["-mavx2", "-mfma"] if _AVX2 else [])
+_FLAGS = ["-O3", "-fopenmp"] + (_VECTOR if _AVX2 else ["-DCPU_CAPABILITY=DEFAULT"])
 # The cache name carries a digest of everything torch writes into the build file: the
 # source (its text and its path), the flags and the torch installation. A changed build, or
 # another checkout or environment sharing the cache, gets a folder of its own, so whether a
@@ -66,7 +67,7 @@ def _own_ninja() -> Iterator[None]:
 
 @functools.cache
 def available() -> bool:
-    """Whether ``torch.ops.syncbn`` is loaded, building it first if it is not cached yet."""
+    """Whether ``torch.ops.syncbn_cpu`` is loaded, building it first if it is not cached yet."""
     if os.environ.get("SYNCBN_CPU_KERNELS", "1") == "0":
         return False
     try:
@@ -93,14 +94,3 @@ def available() -> bool:
         warnings.warn(message, RuntimeWarning, stacklevel=2)
         return False
     return True
-
-
-def usable(input: torch.Tensor) -> bool:
-    """Whether the backward pass over this tensor can run in the fused kernel."""
-    return input.device.type == "cpu" and available()
-
-
-def moments_usable(input: torch.Tensor) -> bool:
-    """Whether this tensor's moments are faster in the kernel: (N, C, ...) contiguous input,
-    where torch's statistics kernel is a scalar loop (with channels last it is vectorized)."""
-    return input.dim() > 2 and input.numel() > input.size(0) * input.size(1) and input.is_contiguous() and usable(input)

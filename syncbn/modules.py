@@ -7,6 +7,7 @@ exactly torch's own BatchNorm; when it does, `functional.sync_batch_norm` does t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 from typing import Any
@@ -21,6 +22,7 @@ from .functional import reject_collectively, sync_batch_norm
 __all__ = ["SyncBatchNorm"]
 
 _instances = itertools.count()
+_LOCAL = _comm.LocalComm()
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -60,7 +62,9 @@ class SyncBatchNorm(_BatchNorm):
     * **Layout and precision.** The output keeps the input's dtype and memory format
       (channels_last included). Statistics are reduced in float64 and applied in at least
       float32, whatever the input dtype; fp16/bf16 inputs and ``torch.autocast`` work.
-    * ``torch.compile`` runs it: the synchronized call is a graph break and runs eagerly.
+    * ``torch.compile(model, fullgraph=True)`` compiles it, forward and backward, with no
+      graph break over a torch.distributed group (functional collectives) or an MPI
+      communicator (a custom op); see ``syncbn.ops``.
     * **Pickling** (``torch.save(model)``, ``pickle``) drops ``process_group``: a loaded
       layer has ``process_group=None``, the default group of the process that loads it.
       ``copy.deepcopy`` (an EMA model, say) shares the group instead.
@@ -111,9 +115,25 @@ class SyncBatchNorm(_BatchNorm):
             return TypeError(f"expected a floating-point input (got {input.dtype})")
         return None
 
+    @property
+    def process_group(self) -> Any:
+        return self._process_group
+
+    @process_group.setter
+    def process_group(self, group: Any) -> None:
+        # Resolved here, once, so that forward (and torch.compile's trace of it) only reads
+        # it. None stays open: the default group may come and go between calls.
+        self._process_group = group
+        self._communicator = None
+        if group is not None:
+            with contextlib.suppress(ValueError):  # not a member: a training forward raises it
+                self._communicator = _comm.resolve(group)
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         use_batch_stats = self.training or self.running_mean is None
-        comm = _comm.resolve(self.process_group) if use_batch_stats else _comm.LocalComm()
+        comm = _LOCAL
+        if use_batch_stats:
+            comm = _comm.resolve(self.process_group) if self._communicator is None else self._communicator
         sync = comm.world_size > 1
         debugging = sync and debug.enabled()
         if debugging:
@@ -123,14 +143,17 @@ class SyncBatchNorm(_BatchNorm):
             if sync:
                 reject_collectively(comm, self.num_features, input.device, error)
             raise error
-        if not sync:
+        track = self.training and self.track_running_stats
+        # nn.BatchNorm reads num_batches_tracked on the host for momentum=None, which
+        # torch.compile cannot trace; syncbn's ops read it inside the update instead.
+        cumulative_compiled = track and self.momentum is None and torch.compiler.is_compiling()
+        if not sync and not cumulative_compiled:
             if self.training and input.numel() == self.num_features:
                 # Checked before torch counts the batch, so a rejected call leaves no trace.
                 raise ValueError(
                     f"expected more than 1 value per channel when training (got input size {list(input.shape)})"
                 )
             return super().forward(input)
-        track = self.training and self.track_running_stats
         return sync_batch_norm(
             input,
             self.weight,
@@ -148,13 +171,14 @@ class SyncBatchNorm(_BatchNorm):
         # Pickling (torch.save(model), the pickle module) saves state, and a process group is a
         # handle on this job's processes: a loaded layer syncs over the default group.
         state = self.__dict__.copy()
-        state["process_group"] = None
+        state["_process_group"] = state["_communicator"] = None
         return state
 
     def __deepcopy__(self, memo: dict) -> SyncBatchNorm:
         # A process group is a handle on other processes, not state: copies (an EMA model,
         # say) share it, where deep-copying a ProcessGroup would fail.
         memo[id(self.process_group)] = self.process_group
+        memo[id(self._communicator)] = self._communicator
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         new.__setstate__(copy.deepcopy(self.__dict__, memo))

@@ -1,163 +1,517 @@
-// The two CPU passes of synchronized batch norm that stock PyTorch ops cannot fuse.
+// The CPU kernels of syncbn's fused ops, one memory pass each. The op contracts, their fake
+// kernels and their autograd live in syncbn/ops.py; these are called from there.
 //
-// moments(x): this rank's (n, Σx, Σx²) per channel as syncbn's 2C+1 float64 all-reduce
-// buffer, in one read of (N, C, ...) contiguous x, the layout where torch's statistics
-// kernel is a scalar loop. Accumulating in float64 keeps Σx² − (Σx)²/n within about
-// 1e-16·(mean/std)² relative, so no shift is needed for any data float32 can hold.
+//   moments(x)                               read x        -> float64 (n, Σx, Σx²)
+//   forward_apply(x, stats, w, b, eps)       read x, write y = (x − mean)·w·invstd + b
+//   update_running_stats(rm, rv, nbt, ...)   per channel only
+//   backward_reduce(dy, x, mean, invstd)     read dy and x -> float64 (Σdy, Σdy·(x − mean))
+//   backward_apply(dy, x, ..., grad_sums)    read dy and x, write dx
 //
-// backward_elemt(dy, x, m, a, b, k): dx = a·dy + b·(x − m) + k per channel in one pass,
-// where stock ops need an affine pass over x and an addcmul pass over dy. Centring x on the
-// mean m first, as torch's own kernels do, keeps b·x and k from cancelling when
-// |mean| ≫ std. It walks both dense layouts, channels outermost (NC... contiguous) and
-// channels innermost (channels_last, channels_last_3d, (N, C)); others are made dense first.
+// Memory is walked in storage order: (n, c) planes when channels are outer (NC... contiguous),
+// rows of C values when they are innermost (channels_last, channels_last_3d, (N, C)). Other
+// strides are made dense first. Half and bfloat16 values are widened to float32 a tile at a
+// time with ATen's vectorized conversions; all arithmetic runs in float32 (float64 for
+// float64 input), and the sums in float64.
+//
+// Thread count: elementwise passes write each output once, so they are exact on any number
+// of threads. Sums are taken in an order fixed by the shape alone: over (n, c) planes each
+// channel belongs to one task that adds its planes in order, in 16 lanes added up at the
+// end; over rows, the rows are cut into at most 64 blocks whose size depends only on the
+// shape, each block is summed in row order into its own partial sums, and the partials are
+// added in block order. The result is bit-identical on 1 or 64 threads.
 
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
+
+#if defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
 
 namespace {
 
-struct Dense {
-  at::Tensor tensor;
-  int64_t channels;
-  int64_t batch;           // N
-  int64_t inner;           // elements per (n, c) when channels are outer; 1 otherwise
-  bool channels_innermost;
-};
+template <typename T>
+using opmath = at::opmath_type<T>;
 
-Dense dense(const at::Tensor& input) {
-  TORCH_CHECK(input.dim() >= 2, "expected at least 2D input (got ", input.dim(), "D input)");
-  const auto format = input.suggest_memory_format();
-  Dense d{input.contiguous(format), input.size(1), input.size(0), 1, false};
-  const int64_t slices = d.batch * d.channels;
-  d.inner = slices == 0 ? 0 : input.numel() / slices;
-  d.channels_innermost = format != at::MemoryFormat::Contiguous || d.inner == 1;
-  return d;
-}
+constexpr int64_t kTile = 256;  // elements widened or narrowed at a time, on the stack
 
-// A value widened to float64 without rounding (half and bfloat16 through float).
-template <typename scalar_t>
-inline double widen(scalar_t v) {
-  return static_cast<double>(static_cast<at::opmath_type<scalar_t>>(v));
-}
-
-// Channels per task so that each task reads at least a grain's worth of elements.
-int64_t channel_grain(const Dense& d) {
-  const int64_t per_channel = d.batch * d.inner;
-  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, per_channel));
-}
-
-template <typename scalar_t>
-void moments_kernel(const Dense& d, double* out) {
-  const scalar_t* x = d.tensor.const_data_ptr<scalar_t>();
-  const int64_t C = d.channels;
-  at::parallel_for(0, C, channel_grain(d), [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      double s = 0.0, q = 0.0;
-      for (int64_t n = 0; n < d.batch; ++n) {
-        const scalar_t* slice = x + (n * C + c) * d.inner;
-#pragma omp simd reduction(+ : s, q)
-        for (int64_t i = 0; i < d.inner; ++i) {
-          const double v = widen(slice[i]);
-          s += v;
-          q += v * v;
-        }
-      }
-      out[1 + c] = s;
-      out[1 + C + c] = q;
-    }
-  });
-}
-
-at::Tensor moments(const at::Tensor& input) {
-  // Channels-last input is left to torch's own statistics kernel, which is vectorized there.
-  TORCH_CHECK(input.dim() >= 2 && input.is_contiguous(), "expected a contiguous input of at least 2 dimensions (got ",
-              input.dim(), "D input with strides ", input.strides(), ")");
-  const int64_t slices = input.size(0) * input.size(1);
-  const Dense d{input, input.size(1), input.size(0), slices == 0 ? 0 : input.numel() / slices, false};
-  at::Tensor out = at::empty({2 * d.channels + 1}, input.options().dtype(at::kDouble));
-  double* data = out.mutable_data_ptr<double>();
-  data[0] = static_cast<double>(d.batch * d.inner);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "syncbn_moments", [&] {
-    moments_kernel<scalar_t>(d, data);
-  });
-  return out;
-}
-
-template <typename scalar_t>
-void backward_elemt_kernel(const Dense& d, const at::Tensor& dy_t, const at::Tensor& m_t, const at::Tensor& a_t,
-                           const at::Tensor& b_t, const at::Tensor& k_t, at::Tensor& out_t) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* x = d.tensor.const_data_ptr<scalar_t>();
-  const scalar_t* dy = dy_t.const_data_ptr<scalar_t>();
-  scalar_t* out = out_t.mutable_data_ptr<scalar_t>();
-  const acc_t* m = m_t.const_data_ptr<acc_t>();
-  const acc_t* a = a_t.const_data_ptr<acc_t>();
-  const acc_t* b = b_t.const_data_ptr<acc_t>();
-  const acc_t* k = k_t.const_data_ptr<acc_t>();
-  const int64_t C = d.channels;
-  if (d.channels_innermost) {
-    const int64_t rows = d.tensor.numel() / C;
-    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / C);
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t offset = r * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t centred = static_cast<acc_t>(x[offset + c]) - m[c];
-          const acc_t v = a[c] * static_cast<acc_t>(dy[offset + c]) + b[c] * centred + k[c];
-          out[offset + c] = static_cast<scalar_t>(v);
-        }
-      }
-    });
+// n values at src as opmath values: src itself when no conversion is needed, else buf.
+template <typename T>
+inline const opmath<T>* widen(const T* src, opmath<T>* buf, int64_t n) {
+  if constexpr (std::is_same_v<T, opmath<T>>) {
+    return src;
   } else {
-    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / d.inner);
-    at::parallel_for(0, d.batch * C, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t s = begin; s < end; ++s) {
-        const int64_t c = s % C, offset = s * d.inner;
-        const acc_t mc = m[c], ac = a[c], bc = b[c], kc = k[c];
-#pragma omp simd
-        for (int64_t i = 0; i < d.inner; ++i) {
-          const acc_t v = ac * static_cast<acc_t>(dy[offset + i]) + bc * (static_cast<acc_t>(x[offset + i]) - mc) + kc;
-          out[offset + i] = static_cast<scalar_t>(v);
-        }
-      }
-    });
+    using Vec = at::vec::Vectorized<T>;
+    using FVec = at::vec::Vectorized<float>;
+    int64_t i = 0;
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<T>(Vec::loadu(src + i));
+      lo.store(buf + i);
+      hi.store(buf + i + FVec::size());
+    }
+    for (; i < n; ++i) buf[i] = static_cast<float>(src[i]);
+    return buf;
   }
 }
 
-at::Tensor backward_elemt(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& m,
-                          const at::Tensor& a, const at::Tensor& b, const at::Tensor& k) {
-  TORCH_CHECK(grad_output.sizes() == input.sizes() && grad_output.scalar_type() == input.scalar_type(),
-              "expected grad_output of the input's size and dtype (got ", grad_output.sizes(), " ",
-              grad_output.scalar_type(), ")");
-  const Dense d = dense(input);
-  const at::Tensor dy = grad_output.contiguous(d.tensor.suggest_memory_format());
-  at::Tensor out = at::empty_like(d.tensor);
-  if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "syncbn_backward_elemt", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    for (const at::Tensor* t : {&m, &a, &b, &k}) {
-      TORCH_CHECK(t->dim() == 1 && t->size(0) == d.channels && t->is_contiguous() &&
-                      t->scalar_type() == c10::CppTypeToScalarType<acc_t>::value,
-                  "expected contiguous per-channel coefficients of size ", d.channels, " and dtype ",
-                  c10::CppTypeToScalarType<acc_t>::value, " (got ", t->sizes(), " ", t->scalar_type(), ")");
+// Where a tile of results is computed: the output itself, or buf to be narrowed into it.
+template <typename T>
+inline opmath<T>* target(T* dst, opmath<T>* buf) {
+  if constexpr (std::is_same_v<T, opmath<T>>) {
+    return dst;
+  } else {
+    return buf;
+  }
+}
+
+template <typename T>
+inline void narrow(const opmath<T>* buf, T* dst, int64_t n) {
+  if constexpr (!std::is_same_v<T, opmath<T>>) {
+    using Vec = at::vec::Vectorized<T>;
+    using FVec = at::vec::Vectorized<float>;
+    int64_t i = 0;
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      at::vec::convert_from_float<T>(FVec::loadu(buf + i), FVec::loadu(buf + i + FVec::size())).store(dst + i);
     }
-    backward_elemt_kernel<scalar_t>(d, dy, m, a, b, k, out);
+    for (; i < n; ++i) dst[i] = static_cast<T>(buf[i]);
+  }
+}
+
+#define SYNCBN_DISPATCH(type, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, type, name, __VA_ARGS__)
+
+struct Layout {
+  at::Tensor x;  // dense, in one of the two walks
+  int64_t N, C;
+  int64_t inner;  // values per (n, c) plane when channels are outer
+  bool channels_innermost;
+  int64_t rows() const { return x.numel() / C; }
+};
+
+Layout layout(const at::Tensor& input) {
+  TORCH_CHECK(input.dim() >= 2, "expected at least 2D input (got ", input.dim(), "D input)");
+  const auto format = input.suggest_memory_format();
+  const int64_t N = input.size(0), C = input.size(1), planes = N * C;
+  const int64_t inner = planes == 0 ? 0 : input.numel() / planes;
+  return {input.contiguous(format), N, C, inner, format != at::MemoryFormat::Contiguous || inner == 1};
+}
+
+// t in the layout's memory format (a gradient may arrive with other strides).
+at::Tensor like(const at::Tensor& t, const Layout& l) {
+  TORCH_CHECK(t.sizes() == l.x.sizes() && t.scalar_type() == l.x.scalar_type(),
+              "expected grad_output of the input's size and dtype (got ", t.sizes(), " ", t.scalar_type(), ")");
+  return t.contiguous(l.x.suggest_memory_format());
+}
+
+// The output with the strides empty_like(input) gives, as the fake kernels promise.
+at::Tensor as_output(const at::Tensor& input, const at::Tensor& dense) {
+  if (dense.strides() == input.strides() || input.numel() == 0) return dense;
+  return at::empty_like(input).copy_(dense);
+}
+
+std::vector<double> per_channel(const at::Tensor& t, int64_t C, const char* name) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == C && t.device().is_cpu(), "expected ", name, " of size ", C,
+              " on the CPU (got ", t.sizes(), " on ", t.device(), ")");
+  std::vector<double> values(C);
+  SYNCBN_DISPATCH(t.scalar_type(), "syncbn_per_channel", [&] {
+    const scalar_t* data = t.const_data_ptr<scalar_t>();
+    const int64_t stride = t.stride(0);
+    for (int64_t c = 0; c < C; ++c) values[c] = static_cast<double>(data[c * stride]);
+  });
+  return values;
+}
+
+// Writes values into the (C,) tensor t, in its dtype.
+void write_channels(const at::Tensor& t, const std::vector<double>& values) {
+  SYNCBN_DISPATCH(t.scalar_type(), "syncbn_write_channels", [&] {
+    scalar_t* data = t.mutable_data_ptr<scalar_t>();
+    const int64_t stride = t.stride(0);
+    for (size_t c = 0; c < values.size(); ++c) data[c * stride] = static_cast<scalar_t>(values[c]);
+  });
+}
+
+// A new (C,) tensor of the given dtype holding values.
+at::Tensor channel_tensor(const std::vector<double>& values, at::ScalarType dtype) {
+  at::Tensor out = at::empty({static_cast<int64_t>(values.size())}, at::TensorOptions().dtype(dtype));
+  SYNCBN_DISPATCH(dtype, "syncbn_channel_tensor", [&] {
+    scalar_t* data = out.mutable_data_ptr<scalar_t>();
+    for (size_t c = 0; c < values.size(); ++c) data[c] = static_cast<scalar_t>(values[c]);
   });
   return out;
+}
+
+const double* checked_sums(const at::Tensor& t, int64_t numel, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kDouble && t.is_contiguous() && t.numel() == numel,
+              "expected ", name, " as ", numel, " contiguous float64 numbers on the CPU (got ", t.sizes(), " ",
+              t.scalar_type(), ")");
+  return t.const_data_ptr<double>();
+}
+
+// Float64 sums Σa and Σa·(b − m) (Σa² without kCentred) of a run of values, in 16
+// independent lanes, so that the float64 adds do not wait on each other: four AVX2
+// registers per sum where the build has AVX2, plain arrays otherwise. The lanes are added
+// up in a fixed order by total().
+struct Lanes {
+#if defined(CPU_CAPABILITY_AVX2)
+  __m256d s[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
+  __m256d t[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
+#endif
+  double sl[16] = {}, tl[16] = {};
+
+  template <bool kCentred, typename V>
+  inline void add(const V* a, const V* b, double m, int64_t n) {
+    int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<V, float>) {
+      const __m256d mv = _mm256_set1_pd(m);
+      for (; i + 16 <= n; i += 16) {
+        for (int k = 0; k < 4; ++k) {
+          const __m256d av = _mm256_cvtps_pd(_mm_loadu_ps(a + i + 4 * k));
+          s[k] = _mm256_add_pd(s[k], av);
+          const __m256d bv = kCentred ? _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(b + i + 4 * k)), mv) : av;
+          t[k] = _mm256_fmadd_pd(av, bv, t[k]);
+        }
+      }
+    }
+#endif
+    for (int64_t j = 0; i < n; ++i, j = (j + 1) % 16) {
+      const double ai = a[i];
+      sl[j] += ai;
+      tl[j] += ai * (kCentred ? static_cast<double>(b[i]) - m : ai);
+    }
+  }
+
+  void total(double& s_out, double& t_out) {
+#if defined(CPU_CAPABILITY_AVX2)
+    for (int k = 0; k < 4; ++k) {
+      double sv[4], tv[4];
+      _mm256_storeu_pd(sv, s[k]);
+      _mm256_storeu_pd(tv, t[k]);
+      for (int j = 0; j < 4; ++j) {
+        sl[4 * k + j] += sv[j];
+        tl[4 * k + j] += tv[j];
+      }
+    }
+#endif
+    s_out = t_out = 0.0;
+    for (int j = 0; j < 16; ++j) {
+      s_out += sl[j];
+      t_out += tl[j];
+    }
+  }
+};
+
+// Per channel, in float64: s[c] = Σ a and t[c] = Σ a·(b − m[c]) over the values of channel c.
+// Without kCentred, b is a itself and m is 0: t[c] = Σ a² (the moments).
+//
+// Float64 adds, not memory, bound these loops: over (n, c) planes each channel keeps 16
+// independent lanes (`Lanes`); over rows, eight rows are added together before they touch
+// the per-channel sums in memory. Both orders are fixed by the shape alone.
+template <typename T, bool kCentred>
+void reduce_kernel(const Layout& l, const T* a, const T* b, const double* m, double* s, double* t) {
+  using acc = opmath<T>;
+  constexpr int64_t kRows = 8;
+  const int64_t C = l.C;
+  if (!l.channels_innermost) {
+    const int64_t per_channel = std::max<int64_t>(1, l.N * l.inner);
+    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / per_channel);
+    at::parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
+      acc abuf[kTile], bbuf[kTile];
+      for (int64_t c = begin; c < end; ++c) {
+        Lanes lanes;
+        const double mc = kCentred ? m[c] : 0.0;
+        for (int64_t n = 0; n < l.N; ++n) {
+          const int64_t base = (n * C + c) * l.inner;
+          for (int64_t i0 = 0; i0 < l.inner; i0 += kTile) {
+            const int64_t len = std::min(kTile, l.inner - i0);
+            const acc* av = widen(a + base + i0, abuf, len);
+            const acc* bv = kCentred ? widen(b + base + i0, bbuf, len) : av;
+            lanes.add<kCentred>(av, bv, mc, len);
+          }
+        }
+        double sc, tc;
+        lanes.total(sc, tc);
+        s[c] = sc;
+        t[c] = tc;
+      }
+    });
+    return;
+  }
+  const int64_t rows = l.rows();
+  const int64_t min_rows = std::max<int64_t>(kRows, 16384 / C);  // at least ~16k values per block
+  const int64_t block = std::max(min_rows, (rows + 63) / 64);
+  const int64_t blocks = (rows + block - 1) / block;
+  std::vector<double> partial(blocks * 2 * C, 0.0);
+  std::vector<acc> mf(kCentred ? C : 0);
+  for (int64_t c = 0; c < static_cast<int64_t>(mf.size()); ++c) mf[c] = static_cast<acc>(m[c]);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    acc abuf[kRows][kTile], bbuf[kRows][kTile];
+    for (int64_t k = begin; k < end; ++k) {
+      double* ps = partial.data() + k * 2 * C;
+      double* pt = ps + C;
+      const int64_t stop = std::min(rows, (k + 1) * block);
+      for (int64_t r = k * block; r < stop; r += kRows) {
+        const int64_t count = std::min(kRows, stop - r);
+        for (int64_t c0 = 0; c0 < C; c0 += kTile) {
+          const int64_t len = std::min(kTile, C - c0);
+          const acc* av[kRows];
+          const acc* bv[kRows];
+          for (int64_t j = 0; j < count; ++j) {
+            av[j] = widen(a + (r + j) * C + c0, abuf[j], len);
+            bv[j] = kCentred ? widen(b + (r + j) * C + c0, bbuf[j], len) : av[j];
+          }
+          const double* mc = m + c0;
+          if (count == kRows) {
+#pragma omp simd
+            for (int64_t i = 0; i < len; ++i) {
+              if constexpr (kCentred) {
+                // The backward's sums, over the kRows rows in the input's op math (float32
+                // for float32), then in float64: each product is exact to one rounding, and
+                // nothing cancels after it.
+                const acc mi = mf[c0 + i];
+                acc sa = 0, ta = 0;
+#pragma GCC unroll 8
+                for (int64_t j = 0; j < kRows; ++j) {
+                  sa += av[j][i];
+                  ta += av[j][i] * (bv[j][i] - mi);
+                }
+                ps[c0 + i] += sa;
+                pt[c0 + i] += ta;
+              } else {
+                double sa = 0, ta = 0;
+#pragma GCC unroll 8
+                for (int64_t j = 0; j < kRows; ++j) {
+                  const double aj = av[j][i];
+                  sa += aj;
+                  ta += aj * aj;
+                }
+                ps[c0 + i] += sa;
+                pt[c0 + i] += ta;
+              }
+            }
+          } else {
+            for (int64_t j = 0; j < count; ++j) {
+#pragma omp simd
+              for (int64_t i = 0; i < len; ++i) {
+                const double aj = av[j][i];
+                ps[c0 + i] += aj;
+                pt[c0 + i] += kCentred ? aj * (static_cast<double>(bv[j][i]) - mc[i]) : aj * aj;
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+  std::fill(s, s + C, 0.0);
+  std::fill(t, t + C, 0.0);
+  for (int64_t k = 0; k < blocks; ++k) {
+    for (int64_t c = 0; c < C; ++c) {
+      s[c] += partial[k * 2 * C + c];
+      t[c] += partial[k * 2 * C + C + c];
+    }
+  }
+}
+
+// out = p[c]·(x − m[c]) + q[c]·dy + r[c] per value, in opmath; without dy when dy is null.
+template <typename T>
+void apply_kernel(const Layout& l, const T* x, const T* dy, const std::vector<double>& m64,
+                  const std::vector<double>& p64, const std::vector<double>& q64, const std::vector<double>& r64,
+                  T* out) {
+  using acc = opmath<T>;
+  const int64_t C = l.C;
+  const std::vector<acc> m(m64.begin(), m64.end()), p(p64.begin(), p64.end()), q(q64.begin(), q64.end()),
+      r(r64.begin(), r64.end());
+  if (!l.channels_innermost) {
+    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / l.inner);
+    at::parallel_for(0, l.N * C, grain, [&](int64_t begin, int64_t end) {
+      acc xbuf[kTile], dbuf[kTile], obuf[kTile];
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t c = plane % C, base = plane * l.inner;
+        const acc mc = m[c], pc = p[c], qc = q[c], rc = r[c];
+        for (int64_t i0 = 0; i0 < l.inner; i0 += kTile) {
+          const int64_t len = std::min(kTile, l.inner - i0), off = base + i0;
+          const acc* xv = widen(x + off, xbuf, len);
+          acc* o = target(out + off, obuf);
+          if (dy) {
+            const acc* dv = widen(dy + off, dbuf, len);
+#pragma omp simd
+            for (int64_t i = 0; i < len; ++i) o[i] = pc * (xv[i] - mc) + qc * dv[i] + rc;
+          } else {
+#pragma omp simd
+            for (int64_t i = 0; i < len; ++i) o[i] = pc * (xv[i] - mc) + rc;
+          }
+          narrow(o, out + off, len);
+        }
+      }
+    });
+    return;
+  }
+  // Rows of fewer than kTile values go `group` rows at a time, with the coefficients repeated
+  // to match, so that the loop runs over whole tiles instead of short rows.
+  const int64_t group = std::max<int64_t>(1, kTile / C), width = group * C;
+  std::vector<acc> mg(width), pg(width), qg(width), rg(width);
+  for (int64_t i = 0; i < width; ++i) {
+    mg[i] = m[i % C], pg[i] = p[i % C], qg[i] = q[i % C], rg[i] = r[i % C];
+  }
+  const int64_t rows = l.rows(), groups = (rows + group - 1) / group;
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / width);
+  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+    acc xbuf[kTile], dbuf[kTile], obuf[kTile];
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t span = (std::min(rows, (g + 1) * group) - g * group) * C;
+      for (int64_t c0 = 0; c0 < span; c0 += kTile) {
+        const int64_t len = std::min(kTile, span - c0), off = g * width + c0;
+        const acc *xv = widen(x + off, xbuf, len), *mc = mg.data() + c0 % width, *pc = pg.data() + c0 % width;
+        const acc* rc = rg.data() + c0 % width;
+        acc* o = target(out + off, obuf);
+        if (dy) {
+          const acc *dv = widen(dy + off, dbuf, len), *qc = qg.data() + c0 % width;
+#pragma omp simd
+          for (int64_t i = 0; i < len; ++i) o[i] = pc[i] * (xv[i] - mc[i]) + qc[i] * dv[i] + rc[i];
+        } else {
+#pragma omp simd
+          for (int64_t i = 0; i < len; ++i) o[i] = pc[i] * (xv[i] - mc[i]) + rc[i];
+        }
+        narrow(o, out + off, len);
+      }
+    }
+  });
+}
+
+// [Σa, Σa·(b − m)] per channel into out (2C float64 numbers); [Σa, Σa²] without b.
+void reduce(const Layout& l, const at::Tensor& a, const at::Tensor* b, const std::vector<double>& m, double* out) {
+  std::fill(out, out + 2 * l.C, 0.0);
+  if (l.x.numel() == 0) return;
+  SYNCBN_DISPATCH(l.x.scalar_type(), "syncbn_reduce", [&] {
+    const scalar_t* ap = a.const_data_ptr<scalar_t>();
+    if (b) {
+      reduce_kernel<scalar_t, true>(l, ap, b->const_data_ptr<scalar_t>(), m.data(), out, out + l.C);
+    } else {
+      reduce_kernel<scalar_t, false>(l, ap, ap, nullptr, out, out + l.C);
+    }
+  });
+}
+
+at::Tensor apply(const at::Tensor& input, const Layout& l, const at::Tensor* dy, const std::vector<double>& m,
+                 const std::vector<double>& p, const std::vector<double>& q, const std::vector<double>& r) {
+  at::Tensor out = at::empty_like(l.x);
+  if (out.numel() == 0) return as_output(input, out);
+  SYNCBN_DISPATCH(l.x.scalar_type(), "syncbn_apply", [&] {
+    apply_kernel<scalar_t>(l, l.x.const_data_ptr<scalar_t>(), dy ? dy->const_data_ptr<scalar_t>() : nullptr, m, p,
+                           q, r, out.mutable_data_ptr<scalar_t>());
+  });
+  return as_output(input, out);
+}
+
+at::Tensor moments(const at::Tensor& input) {
+  const Layout l = layout(input);
+  at::Tensor out = at::empty({2 * l.C + 1}, input.options().dtype(at::kDouble));
+  double* data = out.mutable_data_ptr<double>();
+  data[0] = static_cast<double>(l.x.numel() / std::max<int64_t>(1, l.C));
+  reduce(l, l.x, nullptr, {}, data + 1);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_apply(const at::Tensor& input, const at::Tensor& stats,
+                                                             const std::optional<at::Tensor>& weight,
+                                                             const std::optional<at::Tensor>& bias, double eps) {
+  const Layout l = layout(input);
+  const int64_t C = l.C;
+  const double* sums = checked_sums(stats, 2 * C + 1, "stats");
+  const double n = sums[0];
+  std::vector<double> mean(C, 0.0), invstd(C), scale(C), shift(C, 0.0);
+  const std::vector<double> w = weight ? per_channel(*weight, C, "weight") : std::vector<double>(C, 1.0);
+  if (bias) shift = per_channel(*bias, C, "bias");
+  for (int64_t c = 0; c < C; ++c) {
+    // var = E[x²] − E[x]² from float64 sums, clamped: rounding can dip below 0.
+    const double m = n > 0 ? sums[1 + c] / n : 0.0;
+    const double var = n > 0 ? std::max(sums[1 + C + c] / n - m * m, 0.0) : 0.0;
+    mean[c] = m;
+    invstd[c] = 1.0 / std::sqrt(var + eps);
+    scale[c] = w[c] * invstd[c];
+  }
+  const at::Tensor y = apply(input, l, nullptr, mean, scale, std::vector<double>(C, 0.0), shift);
+  const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return {y, channel_tensor(mean, acc), channel_tensor(invstd, acc)};
+}
+
+void update_running_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
+                          const at::Tensor& num_batches_tracked, const at::Tensor& stats,
+                          std::optional<double> momentum) {
+  const int64_t C = running_mean.numel();
+  const double* sums = checked_sums(stats, 2 * C + 1, "stats");
+  num_batches_tracked.add_(1);
+  const double n = sums[0];
+  if (n == 0) return;  // an empty global batch counts as a batch, as in nn.BatchNorm, but moves nothing
+  TORCH_CHECK(num_batches_tracked.numel() == 1 && num_batches_tracked.scalar_type() == at::kLong,
+              "expected num_batches_tracked as one int64 (got ", num_batches_tracked.sizes(), " ",
+              num_batches_tracked.scalar_type(), ")");
+  const double factor = momentum ? *momentum : 1.0 / static_cast<double>(*num_batches_tracked.const_data_ptr<int64_t>());
+  std::vector<double> mean = per_channel(running_mean, C, "running_mean");
+  std::vector<double> var = per_channel(running_var, C, "running_var");
+  for (int64_t c = 0; c < C; ++c) {
+    const double m = sums[1 + c] / n;
+    const double unbiased = std::max(sums[1 + C + c] / n - m * m, 0.0) * (n / (n - 1));
+    mean[c] += factor * (m - mean[c]);
+    var[c] += factor * (unbiased - var[c]);
+  }
+  write_channels(running_mean, mean);
+  write_channels(running_var, var);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_output,
+                                                               const at::Tensor& input, const at::Tensor& mean,
+                                                               const at::Tensor& invstd) {
+  const Layout l = layout(input);
+  const at::Tensor dy = like(grad_output, l);
+  const int64_t C = l.C;
+  at::Tensor sums = at::empty({2 * C}, input.options().dtype(at::kDouble));
+  double* g = sums.mutable_data_ptr<double>();
+  reduce(l, dy, &l.x, per_channel(mean, C, "mean"), g);
+  const std::vector<double> s = per_channel(invstd, C, "invstd");
+  std::vector<double> grad_weight(C), grad_bias(g, g + C);
+  for (int64_t c = 0; c < C; ++c) grad_weight[c] = g[C + c] * s[c];
+  return {sums, channel_tensor(grad_weight, invstd.scalar_type()), channel_tensor(grad_bias, invstd.scalar_type())};
+}
+
+at::Tensor backward_apply(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
+                          const at::Tensor& invstd, const std::optional<at::Tensor>& weight, const at::Tensor& stats,
+                          const at::Tensor& grad_sums) {
+  const Layout l = layout(input);
+  const int64_t C = l.C;
+  const at::Tensor dy = like(grad_output, l);
+  const double n = checked_sums(stats, 2 * C + 1, "stats")[0];
+  const double* g = checked_sums(grad_sums, 2 * C, "grad_sums");
+  const std::vector<double> m = per_channel(mean, C, "mean"), s = per_channel(invstd, C, "invstd");
+  const std::vector<double> w = weight ? per_channel(*weight, C, "weight") : std::vector<double>(C, 1.0);
+  // dx = w·invstd·(dy − Σdy/n − (x − mean)·invstd²·Σdy·(x − mean)/n)
+  std::vector<double> p(C), q(C), r(C);
+  for (int64_t c = 0; c < C; ++c) {
+    q[c] = w[c] * s[c];
+    r[c] = n > 0 ? -q[c] * g[c] / n : 0.0;
+    p[c] = n > 0 ? -q[c] * s[c] * s[c] * g[C + c] / n : 0.0;
+  }
+  return apply(input, l, &dy, m, p, q, r);
 }
 
 }  // namespace
 
-TORCH_LIBRARY(syncbn, m) {
-  m.def("moments(Tensor input) -> Tensor");
-  m.def("backward_elemt(Tensor grad_output, Tensor input, Tensor mean, Tensor a, Tensor b, Tensor k) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(syncbn, CPU, m) {
-  m.impl("moments", &moments);
-  m.impl("backward_elemt", &backward_elemt);
+// Schemas are inferred from the signatures; syncbn/ops.py declares the public syncbn:: ops.
+TORCH_LIBRARY(syncbn_cpu, m) {
+  m.def("moments", &moments);
+  m.def("forward_apply", &forward_apply);
+  m.def("update_running_stats", &update_running_stats);
+  m.def("backward_reduce", &backward_reduce);
+  m.def("backward_apply", &backward_apply);
 }

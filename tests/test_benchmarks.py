@@ -17,9 +17,19 @@ def test_layer_benchmark_quick(tmp_path):
     assert payload["machine"]["torch"]
     for row in payload["compute_path"] + payload["gloo_w2"]:
         assert all(ms > 0 for ms in row["median_ms"].values())
+    threads = {row["threads"] for row in payload["compute_path"]}
+    assert {1, 2} <= threads and {row["dtype"] for row in payload["compute_path"]} == {"float32", "bfloat16", "float16"}
+    assert all(row["ratio_to_budget"] > 0 for row in payload["gloo_w2"])
     assert "syncbn Gloo" in payload["gloo_w2"][0]["median_ms"]
     assert len(payload["sweep"]["Gloo"]["2"]) == 8  # 4 sweep shapes, NCHW and channels_last
     assert (tmp_path / "layer_sweep.png").stat().st_size > 0
+
+
+@pytest.mark.distributed
+def test_compile_benchmark_quick(tmp_path):
+    run_command([sys.executable, "benchmarks/compile.py", "--quick", "--results", str(tmp_path)], timeout=300)
+    run = json.loads((tmp_path / "compile.json").read_text())["runs"]["demo CNN"]
+    assert run["first_compiled_step_s"] > 0 and all(s > 0 for s in run["median_s"].values())
 
 
 @pytest.mark.distributed

@@ -1,15 +1,22 @@
-"""Layer benchmark: forward+backward of one BatchNorm layer, per rank, 1 thread.
-
-Two measurements, each taken side by side in one run:
+"""Layer benchmark: forward+backward of one BatchNorm layer, every variant side by side.
 
 * compute: syncbn's synchronized code path with the all-reduce made a no-op (LocalComm)
-  against local ``nn.BatchNorm`` on the same tensor, so the ratio is pure compute; once
-  with the fused CPU kernels and once with stock ops only (what runs without a compiler);
-* W=2 Gloo ranks: syncbn against a textbook SyncBN (a differentiable all-reduce of
-  [mean, E[x²]]·n through generic autograd ops, as detectron2's NaiveSyncBatchNorm does),
-  with local BatchNorm and the bare all-reduce latency alongside;
+  against local ``nn.BatchNorm`` on the same tensor, so the ratio is pure compute, at 1 and
+  2 intra-op threads (and all cores where there are more), in float32, bfloat16 and
+  float16, NCHW and channels_last; once with the fused CPU kernels and once with stock ops
+  only (what runs without a compiler). Alongside: the layer with no group and in eval mode
+  (both plain BatchNorm underneath), and the memory floor: the 8 passes over the tensor
+  that a training step must make (3 forward, 5 backward), timed as 4 copies of it;
+* W=2 Gloo ranks, 1 thread each: syncbn against local BatchNorm plus the two bare
+  all-reduces of its messages (2C+1 and 2C float64 numbers), and a textbook SyncBN (a
+  differentiable all-reduce of [mean, E[x²]]·n through generic autograd ops, as
+  detectron2's NaiveSyncBatchNorm does);
 * a sweep over channel count and batch size on W=2 and W=4 ranks, Gloo and MPI, NCHW and
   channels_last, plotted as the ratio to local BatchNorm (W=4 oversubscribes 2 cores).
+
+glibc's heap trimming is turned off (the script re-executes itself with
+MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ set), so that no variant pays page faults
+for memory another one has just returned; minor faults per call are recorded anyway.
 
     python benchmarks/layer.py            # full run, writes benchmarks/results/layer.json
     python benchmarks/layer.py --quick    # small shapes, a few seconds
@@ -17,6 +24,8 @@ Two measurements, each taken side by side in one run:
 
 from __future__ import annotations
 
+import os
+import resource
 import sys
 from pathlib import Path
 
@@ -38,9 +47,12 @@ from syncbn.functional import sync_batch_norm  # noqa: E402
 
 FULL = {
     "shapes": [(32, 64, 56, 56), (32, 256, 14, 14), (8, 64, 32, 32), (256, 1024)],
+    "half_shapes": [(32, 64, 56, 56), (8, 64, 32, 32)],
     "reps": 21,
 }
-QUICK = {"shapes": [(8, 16, 16, 16), (64, 128)], "reps": 5}
+QUICK = {"shapes": [(8, 16, 16, 16), (64, 128)], "half_shapes": [(8, 16, 16, 16)], "reps": 5}
+THREADS = sorted({1, 2, os.cpu_count() or 1})
+_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 # The sweep: per-layer cost against channel count and against batch size, on W=2 and W=4 ranks.
 SWEEP = {
     "channels": [(16, c, 16, 16) for c in (16, 64, 256, 1024)],
@@ -135,10 +147,10 @@ def _local_bn(shape: tuple[int, ...]) -> nn.Module:
     return nn.BatchNorm1d(shape[1]) if len(shape) <= 3 else nn.BatchNorm2d(shape[1])
 
 
-def _inputs(shape, channels_last):
+def _inputs(shape, channels_last, dtype=torch.float32):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
-    dy = torch.randn(shape).contiguous(memory_format=fmt)
+    x = torch.randn(shape).to(dtype).contiguous(memory_format=fmt).requires_grad_()
+    dy = torch.randn(shape).to(dtype).contiguous(memory_format=fmt)
     return x, dy
 
 
@@ -150,37 +162,75 @@ def _step(layer, x, dy):
     return run
 
 
+def _eval(layer, x):
+    layer.eval()
+
+    def run() -> None:
+        with torch.no_grad():
+            layer(x)
+
+    return run
+
+
 def _cases(shapes):
     return [(shape, cl) for shape in shapes for cl in ((False, True) if len(shape) == 4 else (False,))]
 
 
-def _label(shape, channels_last):
-    return "x".join(map(str, shape)) + (" channels_last" if channels_last else "")
+def _label(shape, channels_last, dtype=None):
+    name = "x".join(map(str, shape)) + (" channels_last" if channels_last else "")
+    return name if dtype in (None, "float32") else f"{name} {dtype}"
 
 
-def _row(shape, channels_last, samples, base):
+def _row(shape, channels_last, samples, base, extra=None):
     medians = {name: median_ms(times) for name, times in samples.items()}
     return {
         "shape": list(shape),
         "channels_last": channels_last,
+        **(extra or {}),
         "median_ms": medians,
         "ratio_to_" + base: {name: medians[name] / medians[base] for name in medians},
         "samples_s": samples,
     }
 
 
+def _faults(step):
+    """The step, counting this process's minor page faults into ``step.faults``."""
+
+    def run() -> None:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        step()
+        run.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+
+    run.faults = []
+    return run
+
+
 def compute_path(config) -> list[dict]:
-    torch.set_num_threads(1)
+    cases = [(shape, cl, torch.float32) for shape, cl in _cases(config["shapes"])]
+    cases += [
+        (shape, cl, dtype) for dtype in (torch.bfloat16, torch.float16) for shape, cl in _cases(config["half_shapes"])
+    ]
     rows = []
-    for shape, cl in tqdm(_cases(config["shapes"]), desc="compute path (1 process)", file=sys.stderr):
-        x, dy = _inputs(shape, cl)
-        steps = {
-            "nn.BatchNorm": _step(_local_bn(shape), x, dy),
-            "syncbn compute": _step(ComputePath(shape[1]), x, dy),
-            "syncbn compute, stock ops": _stock_ops(_step(ComputePath(shape[1]), x, dy)),
-        }
-        samples = time_interleaved(steps, config["reps"])
-        rows.append(_row(shape, cl, samples, base="nn.BatchNorm"))
+    for threads in THREADS:
+        torch.set_num_threads(threads)
+        for shape, cl, dtype in tqdm(cases, desc=f"compute path, {threads} thread(s)", file=sys.stderr):
+            x, dy = _inputs(shape, cl, dtype)
+            copy = torch.empty_like(x)
+            steps = {
+                "nn.BatchNorm": _step(_local_bn(shape), x, dy),
+                "syncbn compute": _step(ComputePath(shape[1]), x, dy),
+                "memory floor (4 copies)": lambda c=copy, x=x: [c.copy_(x) for _ in range(4)],
+            }
+            if dtype == torch.float32:
+                steps["syncbn compute, stock ops"] = _stock_ops(_step(ComputePath(shape[1]), x, dy))
+                steps["syncbn, no group"] = _step(SyncBatchNorm(shape[1]), x, dy)
+                steps["nn.BatchNorm eval"] = _eval(_local_bn(shape), x)
+                steps["syncbn eval"] = _eval(SyncBatchNorm(shape[1]), x)
+            steps = {name: _faults(step) for name, step in steps.items()}
+            samples = time_interleaved(steps, config["reps"])
+            faults = {name: sum(step.faults) / len(step.faults) for name, step in steps.items()}
+            extra = {"dtype": str(dtype).removeprefix("torch."), "threads": threads, "minor_faults_per_call": faults}
+            rows.append(_row(shape, cl, samples, base="nn.BatchNorm", extra=extra))
     return rows
 
 
@@ -199,8 +249,9 @@ def rank_rows(rank: int, world: int, group, config, backend: str) -> list[dict]:
         if backend == "Gloo":
             variants["textbook SyncBN Gloo"] = TextbookSyncBN(shape[1])
         steps = {name: _step(m, x, dy) for name, m in variants.items()}
-        buffer = torch.zeros(2 * shape[1] + 1, dtype=torch.float64)
-        steps[f"all-reduce 2C+1 {backend}"] = lambda b=buffer: comm.all_reduce_(b)
+        for size in (2 * shape[1] + 1, 2 * shape[1]):
+            buffer = torch.zeros(size, dtype=torch.float64)
+            steps[f"all-reduce {'2C+1' if size % 2 else '2C'} {backend}"] = lambda b=buffer: comm.all_reduce_(b)
         token = torch.zeros(1, dtype=torch.float64)
         samples = time_interleaved(steps, config["reps"], before=lambda t=token: comm.all_reduce_(t))
         rows.append(_row(shape, cl, samples, base=f"syncbn {backend}"))
@@ -215,6 +266,55 @@ def _table(title, rows, columns, base):
         ratios = ", ".join(f"{c}: {row['ratio_to_' + base][c]:.2f}" for c in columns if c != base)
         cells = " | ".join(f"{row['median_ms'][c]:.2f}" for c in columns)
         print(f"| {_label(row['shape'], row['channels_last'])} | {cells} | {ratios} |")
+
+
+def _target(row) -> float:
+    """The issue's bound on syncbn compute / nn.BatchNorm for this case."""
+    if len(row["shape"]) == 2:
+        return 1.1
+    large_nchw = row["shape"] in ([32, 64, 56, 56], [32, 256, 14, 14]) and not row["channels_last"]
+    return 0.75 if large_nchw and row["dtype"] == "float32" else 1.0
+
+
+def _compute_table(rows) -> None:
+    print("\nCompute path, 1 process (median fwd+bwd; ratios to nn.BatchNorm, floor = 8 passes)")
+    print(
+        "| threads | case | nn.BatchNorm (ms) | syncbn (ms) | syncbn / BN | target | syncbn / floor "
+        "| stock ops / BN | no group / BN | eval / BN eval |"
+    )
+    print("|---" * 10 + "|")
+    for row in rows:
+        ms, ratio = row["median_ms"], row["ratio_to_nn.BatchNorm"]
+        target = _target(row)
+        mark = "ok" if ratio["syncbn compute"] <= target else "MISSED"
+        floor = ms["syncbn compute"] / ms["memory floor (4 copies)"]
+        extra = ["–"] * 3
+        if "syncbn eval" in ms:
+            extra = [
+                f"{ratio['syncbn compute, stock ops']:.2f}",
+                f"{ratio['syncbn, no group']:.2f}",
+                f"{ms['syncbn eval'] / ms['nn.BatchNorm eval']:.2f}",
+            ]
+        print(
+            f"| {row['threads']} | {_label(row['shape'], row['channels_last'], row['dtype'])} "
+            f"| {ms['nn.BatchNorm']:.2f} | {ms['syncbn compute']:.2f} | {ratio['syncbn compute']:.2f} "
+            f"| ≤{target} {mark} | {floor:.2f} | " + " | ".join(extra) + " |"
+        )
+
+
+def _budget_table(rows) -> None:
+    print("\nW=2 Gloo, 1 thread each: syncbn against local BN + its two all-reduces (target ≤ 1.10)")
+    print("| case | syncbn (ms) | local BN (ms) | all-reduce 2C+1 + 2C (ms) | syncbn / budget |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        ms = row["median_ms"]
+        reduces = ms["all-reduce 2C+1 Gloo"] + ms["all-reduce 2C Gloo"]
+        budget = ms["nn.BatchNorm (local, Gloo run)"] + reduces
+        row["ratio_to_budget"] = ms["syncbn Gloo"] / budget
+        print(
+            f"| {_label(row['shape'], row['channels_last'])} | {ms['syncbn Gloo']:.2f} "
+            f"| {ms['nn.BatchNorm (local, Gloo run)']:.2f} | {reduces:.2f} | {row['ratio_to_budget']:.2f} |"
+        )
 
 
 def _merge(*runs: list[dict] | None) -> list[dict]:
@@ -270,13 +370,17 @@ def plot_sweep(results: dict, settings, path: Path) -> None:
 def main() -> None:
     parser = make_parser(__doc__, "small shapes and few repetitions (smoke run)")
     args = parser.parse_args()
+    if any(os.environ.get(name) != value for name, value in _MALLOC.items()):
+        # glibc reads these at start-up only.
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_MALLOC})
     config, settings = (QUICK, QUICK_SWEEP) if args.quick else (FULL, SWEEP)
     backends = available_backends()
     compute = compute_path(config)
     gloo_rows = on_ranks(rank_rows, 2, "Gloo", config, "Gloo")
     mpi_rows = on_ranks(rank_rows, 2, "MPI", config, "MPI") if "MPI" in backends else None
     swept = sweep(settings, backends)
-    _table("Compute path, 1 process, 1 thread (median fwd+bwd)", compute, list(compute[0]["median_ms"]), "nn.BatchNorm")
+    _compute_table(compute)
+    _budget_table(gloo_rows)
     merged = _merge(gloo_rows, mpi_rows)
     _table("W=2 ranks, 1 thread each (median fwd+bwd per rank)", merged, list(merged[0]["median_ms"]), "syncbn Gloo")
     for backend, by_world in swept.items():
@@ -284,7 +388,14 @@ def main() -> None:
             _table(f"Sweep, W={world} {backend}", rows, list(rows[0]["median_ms"]), f"syncbn {backend}")
     plot_sweep(swept, settings, args.results / "layer_sweep.png")
     payload = {
-        "config": {**config, "world": 2, "sweep": settings, "cpu_kernels": kernels.available()},
+        "config": {
+            **config,
+            "threads": THREADS,
+            "world": 2,
+            "sweep": settings,
+            "cpu_kernels": kernels.available(),
+            "malloc": _MALLOC,
+        },
         "compute_path": compute,
         "gloo_w2": gloo_rows,
         "mpi_w2": mpi_rows,

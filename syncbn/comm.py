@@ -186,7 +186,8 @@ def key(comm: Communicator) -> str:
     if isinstance(comm, (LocalComm, TorchComm, MPIComm)):
         return comm.key
     name = f"{type(comm).__qualname__}:{id(comm)}"
-    _by_key[name] = comm
+    if _by_key.get(name) is not comm:
+        _by_key[name] = comm
     return name
 
 
@@ -264,6 +265,7 @@ def resolve(process_group: Any = None) -> Communicator:
             # What dist.new_group returns on the ranks it leaves out.
             raise ValueError("expected this process to be a member of process_group (it is not)")
     if all(hasattr(process_group, name) for name in ("all_reduce_", "world_size", "rank")):
+        key(process_group)  # registered now, outside any torch.compile trace
         return process_group  # a Communicator of the caller's own: another backend, or instrumentation
     raise TypeError(
         "expected process_group to be None, a torch.distributed ProcessGroup, an "

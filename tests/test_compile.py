@@ -112,6 +112,19 @@ def test_compiled_equals_eager_in_one_process():
     compiled_equals_eager(0, 1, "float64", "aot_eager")
 
 
+class _Twice:
+    """A Communicator of the caller's own: a world of 2 whose other rank sends the same."""
+
+    world_size, rank = 2, 0
+
+    def all_reduce_(self, tensor):
+        tensor.mul_(2)
+
+
+def test_a_communicator_of_ones_own_compiles_through_the_custom_op():
+    compiled_equals_eager(0, 1, "float64", "aot_eager", group=_Twice())
+
+
 @pytest.mark.distributed
 def test_no_graph_breaks_over_gloo(tmp_path):
     run_distributed(no_graph_breaks, 2, tmp_path, timeout=240)

@@ -174,6 +174,13 @@ class SyncBatchNorm(_BatchNorm):
         state["_process_group"] = state["_communicator"] = None
         return state
 
+    def __setstate__(self, state: dict) -> None:
+        # Pickles made before process_group became a property hold it as a plain attribute.
+        group = state.pop("process_group", None)
+        super().__setstate__(state)
+        if "_process_group" not in state:
+            self.process_group = group
+
     def __deepcopy__(self, memo: dict) -> SyncBatchNorm:
         # A process group is a handle on other processes, not state: copies (an EMA model,
         # say) share it, where deep-copying a ProcessGroup would fail.

@@ -167,6 +167,16 @@ def save_with_a_group(rank, world, path, group=None):
         torch.save(model, path)
 
 
+def test_a_pickle_from_before_process_group_was_a_property_loads():
+    state = SyncBatchNorm(3).__dict__.copy()
+    del state["_process_group"], state["_communicator"]
+    state["process_group"] = None
+    layer = SyncBatchNorm.__new__(SyncBatchNorm)
+    layer.__setstate__(state)
+    assert layer.process_group is None
+    assert layer(torch.randn(4, 3)).shape == (4, 3)
+
+
 LOAD_AND_TRAIN = """
 import sys, torch
 model = torch.load(sys.argv[1], weights_only=False)

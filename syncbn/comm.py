@@ -40,6 +40,7 @@ __all__ = [
     "MPIComm",
     "resolve",
     "all_reduce",
+    "tracing",
     "key",
     "lookup",
     "new_groups",
@@ -200,6 +201,11 @@ def lookup(name: str) -> Communicator:
         # compiled code first runs, after the backward's trace, which needs just the name.
         return TorchComm(dist.distributed_c10d._resolve_process_group(name.removeprefix("torch:")))
     return _by_key[name]
+
+
+def tracing() -> bool:
+    """Whether torch.compile (Dynamo, or AOTAutograd's fake tensors) is tracing this call."""
+    return _are_we_tracing()
 
 
 def all_reduce(comm: Communicator, tensor: torch.Tensor) -> torch.Tensor:

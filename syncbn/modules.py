@@ -63,7 +63,7 @@ class SyncBatchNorm(_BatchNorm):
       (channels_last included). Statistics are reduced in float64 and applied in at least
       float32, whatever the input dtype; fp16/bf16 inputs and ``torch.autocast`` work.
     * ``torch.compile(model, fullgraph=True)`` compiles it, forward and backward, with no
-      graph break over a torch.distributed group (functional collectives) or an MPI
+      graph break over a process group (functional collectives) or an MPI
       communicator (a custom op); see ``syncbn.ops``.
     * **Pickling** (``torch.save(model)``, ``pickle``) drops ``process_group``: a loaded
       layer has ``process_group=None``, the default group of the process that loads it.

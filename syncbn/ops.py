@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.distributed._functional_collectives import _are_we_tracing
 
 from . import comm as _comm
 from . import kernels, reference
@@ -203,7 +202,7 @@ class _ForwardApply(torch.autograd.Function):
 
 def moments(input: Tensor) -> Tensor:
     """This rank's (n, Σx, Σx²) per channel, packed as 2C+1 float64 numbers."""
-    return torch.ops.syncbn.moments(input) if _are_we_tracing() else _moments(input)
+    return torch.ops.syncbn.moments(input) if _comm.tracing() else _moments(input)
 
 
 def forward_apply(
@@ -219,7 +218,7 @@ def forward_apply(
 
     ``group`` names the communicator of the backward all-reduce (`syncbn.comm.key`).
     """
-    if _are_we_tracing():
+    if _comm.tracing():
         return torch.ops.syncbn.forward_apply(input, stats, weight, bias, eps, check_finite, group)
     return _ForwardApply.apply(input, stats, weight, bias, eps, check_finite, group)
 
@@ -229,14 +228,14 @@ def update_running_stats(
 ) -> None:
     """Move the running averages by the global mean and unbiased variance (momentum=None:
     a cumulative average); an empty global batch counts as a batch but moves nothing."""
-    op = torch.ops.syncbn.update_running_stats if _are_we_tracing() else _update_running_stats
+    op = torch.ops.syncbn.update_running_stats if _comm.tracing() else _update_running_stats
     op(running_mean, running_var, num_batches_tracked, stats, momentum)
 
 
 def backward_reduce(grad_output: Tensor, input: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Local float64 (Σdy, Σdy·(x − mean)) packed as 2C numbers, and the local weight and
     bias gradients Σdy·(x − mean)·invstd and Σdy."""
-    op = torch.ops.syncbn.backward_reduce if _are_we_tracing() else _backward_reduce
+    op = torch.ops.syncbn.backward_reduce if _comm.tracing() else _backward_reduce
     return op(grad_output, input, mean, invstd)
 
 
@@ -250,5 +249,5 @@ def backward_apply(
     grad_sums: Tensor,
 ) -> Tensor:
     """dx of the global batch, from the global ``grad_sums`` and the count in ``stats[0]``."""
-    op = torch.ops.syncbn.backward_apply if _are_we_tracing() else _backward_apply
+    op = torch.ops.syncbn.backward_apply if _comm.tracing() else _backward_apply
     return op(grad_output, input, mean, invstd, weight, stats, grad_sums)

@@ -50,6 +50,19 @@ def time_interleaved(
     return samples
 
 
+def training_step(model, parameters, optimizer, x, y, comm, world: int) -> None:
+    """Forward, cross-entropy, backward, the gradients averaged with one flat all-reduce (as
+    DDP would), SGD. ``parameters`` is the module whose gradients are averaged (the model
+    itself, or the module a compiled wrapper runs)."""
+    optimizer.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    grads = [p.grad for p in parameters.parameters()]
+    flat = torch.cat([g.reshape(-1) for g in grads]).div_(world)
+    comm.all_reduce_(flat)
+    torch.nn.utils.vector_to_parameters(flat, grads)
+    optimizer.step()
+
+
 def median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1e3
 

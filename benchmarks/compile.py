@@ -24,7 +24,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "launch"))
-from common import make_parser, on_ranks, time_interleaved, write_json  # noqa: E402
+from common import make_parser, on_ranks, time_interleaved, training_step, write_json  # noqa: E402
 from train import make_model  # noqa: E402
 
 import syncbn  # noqa: E402
@@ -74,16 +74,7 @@ def measure(rank: int, world: int, group, name: str, backend: str, reps: int) ->
     x, y = torch.randn(shape), torch.randint(0, 10, (shape[0],))
 
     def step(model: nn.Module, parameters: nn.Module, optimizer: torch.optim.Optimizer):
-        def run() -> None:
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            grads = [p.grad for p in parameters.parameters()]
-            flat = torch.cat([g.reshape(-1) for g in grads]).div_(world)
-            comm.all_reduce_(flat)
-            torch.nn.utils.vector_to_parameters(flat, grads)
-            optimizer.step()
-
-        return run
+        return lambda: training_step(model, parameters, optimizer, x, y, comm, world)
 
     eager_step = step(eager, eager, torch.optim.SGD(eager.parameters(), lr=0.01, momentum=0.9))
     compiled_step = step(compiled, twin, torch.optim.SGD(twin.parameters(), lr=0.01, momentum=0.9))

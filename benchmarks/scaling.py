@@ -27,7 +27,7 @@ from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import available_backends, make_parser, on_ranks, save_figure, write_json  # noqa: E402
+from common import available_backends, make_parser, on_ranks, save_figure, training_step, write_json  # noqa: E402
 
 import syncbn  # noqa: E402
 from syncbn.comm import resolve  # noqa: E402
@@ -79,13 +79,7 @@ def measure(rank: int, world: int, group, batch: int, steps: int) -> dict:
         comm.all_reduce_(token)
         timed.seconds = 0.0
         start = time.perf_counter()
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        grads = [p.grad for p in model.parameters()]
-        flat = torch.cat([g.reshape(-1) for g in grads]).div_(world)
-        comm.all_reduce_(flat)
-        torch.nn.utils.vector_to_parameters(flat, grads)
-        optimizer.step()
+        training_step(model, model, optimizer, x, y, comm, world)
         if step >= 3:
             step_s.append(time.perf_counter() - start)
             comm_s.append(timed.seconds)

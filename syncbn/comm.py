@@ -91,9 +91,10 @@ class TorchComm:
     ("terminate called without an active exception"). So no caller's tensor ever reaches
     the backend: each message is copied into a buffer that this communicator owns and
     reuses, one per (size, dtype, device), and back out after the reduction. The buffers
-    live as long as the communicator, which `resolve` keeps for as long as its group
-    lives; the copies are 2C+1 numbers, negligible next to a collective's latency. Under
-    torch.compile the compiled graph owns the functional collectives' buffers instead.
+    live as long as the communicator, which `resolve` keeps by group name until a new
+    group takes that name; the copies are 2C+1 numbers, negligible next to a collective's
+    latency. Under torch.compile the compiled graph owns the functional collectives'
+    buffers instead.
     """
 
     def __init__(self, group: Any) -> None:

@@ -114,11 +114,13 @@ class TorchComm:
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if _are_we_tracing():
             return funcol.wait_tensor(torch.ops._c10d_functional.all_reduce(tensor, "sum", self.group_name))
-        summed = tensor.clone()
-        self.all_reduce_(summed)
-        return summed
+        return self._summed(tensor).clone()
 
     def all_reduce_(self, tensor: torch.Tensor) -> None:
+        tensor.copy_(self._summed(tensor))
+
+    def _summed(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the group, in this communicator's buffer for its size."""
         group = self.group
         if group is None:
             raise RuntimeError(f"SyncBatchNorm: process group {self.group_name!r} was destroyed")
@@ -129,7 +131,7 @@ class TorchComm:
         staged = buffer.view(tensor.shape)
         staged.copy_(tensor)
         dist.all_reduce(buffer, group=group)
-        tensor.copy_(staged)
+        return staged
 
 
 class MPIComm:
@@ -171,7 +173,8 @@ def _torch_comm(group: Any) -> TorchComm:
     group = dist.group.WORLD if group is None else group
     comm = _by_key.get(f"torch:{group.group_name}")
     if comm is None or comm.group is None:
-        comm = _by_key[f"torch:{group.group_name}"] = TorchComm(group)
+        comm = TorchComm(group)
+        _by_key[comm.key] = comm
     return comm
 
 

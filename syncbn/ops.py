@@ -120,10 +120,6 @@ for _name, _kernel in [
 # Fake kernels: shapes, dtypes and strides only.
 
 
-def _acc(input: Tensor) -> torch.dtype:
-    return torch.float64 if input.dtype == torch.float64 else torch.float32
-
-
 @torch.library.register_fake("syncbn::moments", lib=_lib)
 def _(input):
     return input.new_empty(2 * input.size(1) + 1, dtype=torch.float64)
@@ -131,7 +127,7 @@ def _(input):
 
 @torch.library.register_fake("syncbn::forward_apply", lib=_lib)
 def _(input, stats, weight, bias, eps, check_finite, group):
-    channel = input.new_empty(input.size(1), dtype=_acc(input))
+    channel = input.new_empty(input.size(1), dtype=reference.acc_dtype(input))
     return torch.empty_like(input), channel, torch.empty_like(channel)
 
 

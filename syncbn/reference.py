@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["moments", "forward_apply", "update_running_stats", "backward_reduce", "backward_apply"]
+__all__ = ["acc_dtype", "moments", "forward_apply", "update_running_stats", "backward_reduce", "backward_apply"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _acc_dtype(input: torch.Tensor) -> torch.dtype:
+def acc_dtype(input: torch.Tensor) -> torch.dtype:
     """The dtype per-channel values are applied in: at least float32."""
     return torch.float64 if input.dtype == torch.float64 else torch.float32
 
@@ -67,7 +67,7 @@ def moments(input: torch.Tensor) -> torch.Tensor:
 
 def forward_apply(input, stats, weight, bias, eps):
     _, mean, var = _mean_var(stats)
-    acc = _acc_dtype(input)
+    acc = acc_dtype(input)
     invstd = torch.rsqrt(var + eps).to(acc)
     mean = mean.to(acc)
     if input.numel() == 0:

@@ -35,6 +35,7 @@
 #include <cmath>
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -143,11 +144,17 @@ void write_channels(const at::Tensor& t, const std::vector<double>& values) {
 // A new (C,) tensor of the given dtype holding values.
 at::Tensor channel_tensor(const std::vector<double>& values, at::ScalarType dtype) {
   at::Tensor out = at::empty({static_cast<int64_t>(values.size())}, at::TensorOptions().dtype(dtype));
-  SYNCBN_DISPATCH(dtype, "syncbn_channel_tensor", [&] {
-    scalar_t* data = out.mutable_data_ptr<scalar_t>();
-    for (size_t c = 0; c < values.size(); ++c) data[c] = static_cast<scalar_t>(values[c]);
-  });
+  write_channels(out, values);
   return out;
+}
+
+// Channel c's mean and biased variance from float64 (n, Σx, Σx²); the variance is clamped at
+// 0, as rounding can dip below it. An empty batch gives 0 and 0.
+std::pair<double, double> mean_var(const double* sums, int64_t C, int64_t c) {
+  const double n = sums[0];
+  if (n == 0) return {0.0, 0.0};
+  const double m = sums[1 + c] / n;
+  return {m, std::max(sums[1 + C + c] / n - m * m, 0.0)};
 }
 
 const double* checked_sums(const at::Tensor& t, int64_t numel, const char* name) {
@@ -429,14 +436,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_apply(const at::Tensor& i
   const Layout l = layout(input);
   const int64_t C = l.C;
   const double* sums = checked_sums(stats, 2 * C + 1, "stats");
-  const double n = sums[0];
-  std::vector<double> mean(C, 0.0), invstd(C), scale(C), shift(C, 0.0);
+  std::vector<double> mean(C), invstd(C), scale(C), shift(C, 0.0);
   const std::vector<double> w = weight ? per_channel(*weight, C, "weight") : std::vector<double>(C, 1.0);
   if (bias) shift = per_channel(*bias, C, "bias");
   for (int64_t c = 0; c < C; ++c) {
-    // var = E[x²] − E[x]² from float64 sums, clamped: rounding can dip below 0.
-    const double m = n > 0 ? sums[1 + c] / n : 0.0;
-    const double var = n > 0 ? std::max(sums[1 + C + c] / n - m * m, 0.0) : 0.0;
+    const auto [m, var] = mean_var(sums, C, c);
     mean[c] = m;
     invstd[c] = 1.0 / std::sqrt(var + eps);
     scale[c] = w[c] * invstd[c];
@@ -451,20 +455,19 @@ void update_running_stats(const at::Tensor& running_mean, const at::Tensor& runn
                           std::optional<double> momentum) {
   const int64_t C = running_mean.numel();
   const double* sums = checked_sums(stats, 2 * C + 1, "stats");
-  num_batches_tracked.add_(1);
-  const double n = sums[0];
-  if (n == 0) return;  // an empty global batch counts as a batch, as in nn.BatchNorm, but moves nothing
   TORCH_CHECK(num_batches_tracked.numel() == 1 && num_batches_tracked.scalar_type() == at::kLong,
               "expected num_batches_tracked as one int64 (got ", num_batches_tracked.sizes(), " ",
               num_batches_tracked.scalar_type(), ")");
+  num_batches_tracked.add_(1);
+  const double n = sums[0];
+  if (n == 0) return;  // an empty global batch counts as a batch, as in nn.BatchNorm, but moves nothing
   const double factor = momentum ? *momentum : 1.0 / static_cast<double>(*num_batches_tracked.const_data_ptr<int64_t>());
   std::vector<double> mean = per_channel(running_mean, C, "running_mean");
   std::vector<double> var = per_channel(running_var, C, "running_var");
   for (int64_t c = 0; c < C; ++c) {
-    const double m = sums[1 + c] / n;
-    const double unbiased = std::max(sums[1 + C + c] / n - m * m, 0.0) * (n / (n - 1));
+    const auto [m, biased] = mean_var(sums, C, c);
     mean[c] += factor * (m - mean[c]);
-    var[c] += factor * (unbiased - var[c]);
+    var[c] += factor * (biased * (n / (n - 1)) - var[c]);
   }
   write_channels(running_mean, mean);
   write_channels(running_var, var);

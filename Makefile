@@ -29,7 +29,7 @@ test: kernels
 	PATH="$(BIN):$$PATH" $(BIN)/python -m pytest -n auto
 
 bench: $(VENV)/.installed
-	for script in layer compile scaling comm_model convergence; do \
+	for script in layer compile join scaling comm_model convergence; do \
 		PATH="$(BIN):$$PATH" $(BIN)/python benchmarks/$$script.py || exit 1; \
 	done
 

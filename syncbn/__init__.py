@@ -2,7 +2,8 @@
 
 from .comm import new_groups
 from .convert import convert_sync_batchnorm, revert_sync_batchnorm
+from .join import joinable
 from .modules import SyncBatchNorm
 
-__all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "new_groups", "revert_sync_batchnorm"]
+__all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "joinable", "new_groups", "revert_sync_batchnorm"]
 __version__ = "0.1.0"

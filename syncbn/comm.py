@@ -44,6 +44,8 @@ __all__ = [
     "key",
     "lookup",
     "new_groups",
+    "torch_group",
+    "clone_group",
     "init",
     "shutdown",
 ]
@@ -216,7 +218,11 @@ def all_reduce(comm: Communicator, tensor: torch.Tensor) -> torch.Tensor:
     """The sum of ``tensor`` over the members of ``comm``, as a new tensor; traceable."""
     if isinstance(comm, (TorchComm, LocalComm)):
         return comm.all_reduce(tensor)
-    return _opaque_all_reduce(tensor, key(comm))
+    if tracing():
+        return _opaque_all_reduce(tensor, key(comm))
+    summed = tensor.clone()
+    comm.all_reduce_(summed)
+    return summed
 
 
 @torch.library.custom_op("syncbn::all_reduce", mutates_args=())
@@ -302,6 +308,25 @@ def new_groups(group_size: int, process_group: Any = None) -> Any:
     blocks = [ranks[i : i + group_size] for i in range(0, size, group_size)]
     mine, _ = dist.new_subgroups_by_enumeration(blocks)
     return mine
+
+
+def torch_group(process_group: Any = None) -> Any:
+    """The torch.distributed group a ``process_group=`` value names (None: the default one)."""
+    if process_group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("expected an initialized torch.distributed default process group (got none)")
+        return dist.group.WORLD
+    if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+        raise TypeError(f"expected a torch.distributed ProcessGroup (got {type(process_group).__name__})")
+    return process_group
+
+
+def clone_group(process_group: Any) -> Any:
+    """A new group of the same ranks, whose collectives never pair with ``process_group``'s.
+
+    Like ``dist.new_group``, a collective: every process of the job must call it.
+    """
+    return dist.new_group(dist.get_process_group_ranks(process_group))
 
 
 def init(backend: str = "auto", timeout: timedelta = timedelta(minutes=10)) -> Any:

@@ -51,10 +51,12 @@ def check_peers(comm: Communicator, name: str, input: torch.Tensor) -> None:
     table[comm.rank] = torch.tensor(mine, dtype=torch.float64)
     comm.all_reduce_(table)
     rows = table.cpu().tolist()
-    if all(row[:3] == rows[0][:3] for row in rows):
+    # A rank that has joined (syncbn.join) contributes a row of zeros and takes no part.
+    if all(row[:3] == mine[:3] for row in rows if any(row)):
         return
     lines = [
-        f"  rank {rank}: {'this layer' if row[0] == mine[0] else 'another layer'}, {_describe(row)}"
+        f"  rank {rank}: "
+        + (f"{'this layer' if row[0] == mine[0] else 'another layer'}, {_describe(row)}" if any(row) else "joined")
         for rank, row in enumerate(rows)
     ]
     raise RuntimeError(

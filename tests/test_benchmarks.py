@@ -33,6 +33,14 @@ def test_compile_benchmark_quick(tmp_path):
 
 
 @pytest.mark.distributed
+def test_join_benchmark_quick(tmp_path):
+    run_command([sys.executable, "benchmarks/join.py", "--quick", "--results", str(tmp_path)])
+    run = json.loads((tmp_path / "join.json").read_text())["run"]
+    assert len(run["median_s"]) == 4 and all(s > 0 for s in run["median_s"].values())
+    assert run["syncbn_layers"] == 3 and run["header_all_reduce_s"] > 0
+
+
+@pytest.mark.distributed
 def test_comm_model_quick(tmp_path):
     run_command([sys.executable, "benchmarks/comm_model.py", "--quick", "--results", str(tmp_path)])
     model = json.loads((tmp_path / "comm_model.json").read_text())

@@ -222,7 +222,13 @@ def test_torch_compile_matches_eager_without_group():
 
 
 def test_public_api():
-    assert set(syncbn.__all__) == {"SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm", "new_groups"}
+    assert set(syncbn.__all__) == {
+        "SyncBatchNorm",
+        "convert_sync_batchnorm",
+        "revert_sync_batchnorm",
+        "new_groups",
+        "joinable",
+    }
 
 
 @pytest.mark.parametrize(

@@ -1,23 +1,34 @@
-"""Convergence on scikit-learn's digits with launch/train.py: what normalization buys.
+"""When does SyncBatchNorm matter? Three studies on a harder digits task (convergence_train).
 
-(a) No normalization vs BatchNorm at a low and a high learning rate, one process:
-    loss curves. (b) Tiny per-rank batches (2 and 4) on 4 ranks: local BatchNorm,
-    SyncBatchNorm and GroupNorm, against one process with the same global batch and
-    plain BatchNorm; final test accuracy as mean ± std over seeds, and curves. The
-    4-rank runs use torchrun and Gloo; on this 2-core machine they are slow but exact.
+* ``tiny batch``: 1 and 2 samples per rank on 4 and 8 ranks. SyncBatchNorm, local
+  BatchNorm (eval with rank 0's running stats, and with the ranks' average), GroupNorm,
+  and one process with plain BatchNorm over the same global batches. At 1 sample per rank
+  a BatchNorm1d (a head with Linear–BatchNorm1d) cannot train locally at all: the run
+  records the error a user gets, and SyncBatchNorm trains the same model.
+* ``non-iid``: 5 ranks of 4 samples, rank r drawing only from classes 2r and 2r+1.
+* ``claims``: one process, batch 32: BatchNorm against GroupNorm, LayerNorm, InstanceNorm
+  and no normalization for the claims made for BatchNorm: faster convergence (steps to a
+  target accuracy), higher usable learning rates (a log-grid sweep with warmup),
+  robustness to the initialization's scale (×0.1, ×10) and regularization (the train-test
+  gap). Every claim over several seeds, with the spread.
 
-    python benchmarks/convergence.py            # writes results/convergence.json and .png
-    python benchmarks/convergence.py --quick    # one epoch, one seed, 2 ranks of 8 samples
+Each run is recorded in results/convergence.json (``study``, ``method``, ``norm``,
+``ranks``, ``batch_per_rank``, ``setting``, ``lr``, ``seed``, ``history`` of evaluations
+with ``epoch``, ``step``, ``loss`` and ``test_acc``); the tables are printed and plotted
+(results/convergence.png). Runs go two at a time, one per core.
+
+    python benchmarks/convergence.py            # about 10 minutes on 2 cores
+    python benchmarks/convergence.py --quick    # one seed, one epoch, fewer settings
 """
 
 from __future__ import annotations
 
-import json
-import os
+import math
+import multiprocessing
 import statistics
-import subprocess
 import sys
-import tempfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -28,126 +39,305 @@ from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import make_parser, save_figure, write_json  # noqa: E402
+from convergence_train import Run, train  # noqa: E402
 
-ROOT = Path(__file__).parents[1]
-METHODS = {  # label: (norm, ranks or None for one process with the whole global batch)
-    "SyncBatchNorm": ("syncbn", None),
-    "local BatchNorm": ("bn", None),
-    "GroupNorm": ("gn", None),
-    "1 process, same global batch": ("bn", 1),
-}
+NORM_NAMES = {"bn": "BatchNorm", "gn": "GroupNorm", "ln": "LayerNorm", "in": "InstanceNorm", "none": "no norm"}
+TARGET = 0.7  # the test accuracy of "steps to reach"
+ONE_PROCESS = "1 process, same global batch"
+METHODS = ("SyncBatchNorm", "local BatchNorm", "GroupNorm", ONE_PROCESS)
 
 
-def train(norm: str, ranks: int, batch: int, lr: float, epochs: int, seed: int) -> list[dict]:
-    """Per-epoch metrics of one launch/train.py run."""
-    with tempfile.TemporaryDirectory() as tmp:
-        history = Path(tmp) / "history.json"
-        options = ["--norm", norm, "--batch-size", str(batch), "--lr", str(lr), "--epochs", str(epochs)]
-        options += ["--seed", str(seed), "--history", str(history)]
-        if ranks == 1:
-            command = [sys.executable, str(ROOT / "launch" / "train.py"), *options]
-        else:
-            command = ["bash", str(ROOT / "launch" / "torchrun.sh"), str(ranks), *options]
-        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        return json.loads(history.read_text())
-
-
-def main() -> None:
-    parser = make_parser(__doc__, "one epoch, one seed, 2 ranks of 8 samples")
-    args = parser.parse_args()
-    ranks, seeds, epochs, lr = (2, [0], 1, 0.05) if args.quick else (4, [0, 1, 2], 4, 0.05)
-    lr_epochs, rates = (1, (0.02, 0.2)) if args.quick else (8, (0.02, 0.2))
-    per_rank = (8,) if args.quick else (2, 4)
-
-    # (study, method, norm, ranks, batch per rank, lr, epochs, seed, the study's per-rank batch)
-    jobs = [("lr", "lr", norm, 1, 32, rate, lr_epochs, 0, 32) for norm in ("none", "bn") for rate in rates]
-    for setting in per_rank:
-        for label, (norm, fixed) in METHODS.items():
-            world = fixed or ranks
-            batch = setting * ranks // world
-            jobs += [("small batch", label, norm, world, batch, lr, epochs, seed, setting) for seed in seeds]
-    runs = []
-    for study, label, norm, world, batch, rate, n_epochs, seed, setting in tqdm(jobs, desc="runs", file=sys.stderr):
-        history = train(norm, world, batch, rate, n_epochs, seed)
-        runs.append(
-            {
-                "study": study,
-                "method": label,
-                "norm": norm,
-                "ranks": world,
-                "batch_per_rank": batch,
-                "setting": setting,
-                "lr": rate,
-                "seed": seed,
-                "history": history,
-            }
-        )
-
-    summary = summarize(runs, per_rank)
-    print(f"\nFinal test accuracy on {ranks} ranks, mean ± std over {len(seeds)} seed(s), {epochs} epochs, lr {lr}:")
-    print("| method | " + " | ".join(f"{b} per rank (global {b * ranks})" for b in per_rank) + " |")
-    print("|---" * (1 + len(per_rank)) + "|")
-    for label in METHODS:
-        cells = [f"{summary[str(b)][label]['mean']:.4f} ± {summary[str(b)][label]['std']:.4f}" for b in per_rank]
-        print(f"| {label} | " + " | ".join(cells) + " |")
-    print("\nNo normalization vs BatchNorm, one process, batch 32, final loss / test accuracy:")
-    for run in (r for r in runs if r["study"] == "lr"):
-        last = run["history"][-1]
-        print(f"  norm={run['norm']:4s} lr={run['lr']:<5} loss {last['loss']:.4f}  test acc {last['test_acc']:.4f}")
-    plot(runs, summary, per_rank, args.results / "convergence.png")
-    config = {"ranks": ranks, "seeds": seeds, "epochs": epochs, "lr": lr}
-    config["lr_study"] = {"epochs": lr_epochs, "rates": rates, "batch": 32}
-    path = write_json(args.results / "convergence.json", {"config": config, "summary": summary, "runs": runs})
-    print(f"\nwrote {path} and convergence.png")
-
-
-def summarize(runs: list[dict], per_rank: tuple[int, ...]) -> dict:
-    summary: dict = {}
-    for batch in per_rank:
-        summary[str(batch)] = {}
-        for label in METHODS:
-            finals = [
-                r["history"][-1]["test_acc"]
-                for r in runs
-                if r["study"] == "small batch" and r["method"] == label and r["setting"] == batch
+def plan(quick: bool) -> list[tuple[str, str, int, int, Run]]:
+    """(study, method, world, setting, run) for every run: ``world`` and ``setting`` are the
+    study's ranks and samples per rank, also on its one-process runs."""
+    seeds = [0] if quick else [0, 1, 2]
+    epochs = 1 if quick else 4
+    jobs = []
+    for world, per_rank in [(4, 2)] if quick else [(w, b) for w in (4, 8) for b in (1, 2)]:
+        base = Run("syncbn", world, per_rank, 0.05, epochs, 0)
+        for seed in seeds:
+            jobs += [
+                ("tiny batch", "SyncBatchNorm", world, per_rank, replace(base, seed=seed)),
+                ("tiny batch", "local BatchNorm", world, per_rank, replace(base, norm="bn-local", seed=seed)),
+                # GroupNorm does not depend on how the batch is split: one process.
+                ("tiny batch", "GroupNorm", world, per_rank, replace(one_process(base), norm="gn", seed=seed)),
+                ("tiny batch", ONE_PROCESS, world, per_rank, replace(one_process(base), norm="bn", seed=seed)),
             ]
-            spread = statistics.stdev(finals) if len(finals) > 1 else 0.0
-            summary[str(batch)][label] = {"mean": statistics.fmean(finals), "std": spread, "n": len(finals)}
+    head = Run("bn-local", 4, 1, 0.05, epochs, 0, head="bn1d")
+    jobs += [("tiny batch", "local BatchNorm, BatchNorm1d head", 4, 1, head)]
+    jobs += [("tiny batch", "SyncBatchNorm, BatchNorm1d head", 4, 1, replace(head, norm="syncbn"))]
+    shards = Run("syncbn", 5, 4, 0.05, epochs, 0, sharding="non-iid")
+    for seed in seeds:
+        jobs += [
+            ("non-iid", "SyncBatchNorm", 5, 4, replace(shards, seed=seed)),
+            ("non-iid", "local BatchNorm", 5, 4, replace(shards, norm="bn-local", seed=seed)),
+            ("non-iid", "GroupNorm", 5, 4, replace(one_process(shards), norm="gn", seed=seed)),
+            ("non-iid", ONE_PROCESS, 5, 4, replace(one_process(shards), norm="bn", seed=seed)),
+        ]
+    norms = ["bn", "none"] if quick else list(NORM_NAMES)
+    rates = [0.1, 1.0] if quick else [0.01, 0.03, 0.1, 0.3, 1.0, 3.0]
+    for norm in norms:
+        for seed in seeds:
+            claim = Run(norm, 1, 32, 0.1, epochs, seed, evals_per_epoch=4)
+            name = NORM_NAMES[norm]
+            jobs += [("claims", f"{name}, lr {lr}", 1, 32, replace(claim, lr=lr)) for lr in rates]
+            jobs += [("claims", f"{name}, init ×{s}", 1, 32, replace(claim, init_scale=s)) for s in (0.1, 10.0)]
+    return jobs
+
+
+def one_process(run: Run) -> Run:
+    """The same global batches in one process (see convergence_train.global_batches)."""
+    return replace(run, ranks=1, batch_per_rank=run.ranks * run.batch_per_rank, shards=run.ranks)
+
+
+def run_all(jobs: list[tuple[str, str, int, int, Run]]) -> list[dict]:
+    # Multi-rank runs first: the longest, so that the two workers end together.
+    order = sorted(range(len(jobs)), key=lambda i: -jobs[i][4].ranks)
+    records: list[dict | None] = [None] * len(jobs)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=2, mp_context=context) as pool:
+        futures = {pool.submit(train, jobs[i][4]): i for i in order}
+        for future in tqdm(as_completed(futures), total=len(futures), desc="runs", file=sys.stderr):
+            i = futures[future]
+            study, method, world, setting, _ = jobs[i]
+            records[i] = {"study": study, "method": method, "world": world, "setting": setting, **future.result()}
+    return records
+
+
+def final(record: dict, key: str = "test_acc") -> float:
+    return record["history"][-1][key] if record["history"] else float("nan")
+
+
+def spread(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def runs_of(runs: list[dict], study: str, method: str, **match) -> list[dict]:
+    return [
+        r for r in runs if r["study"] == study and r["method"] == method and all(r[k] == v for k, v in match.items())
+    ]
+
+
+def summarize(runs: list[dict]) -> dict:
+    summary: dict = {"tiny batch": {}, "non-iid": {}, "claims": {}}
+    for r in runs:
+        if r["study"] == "claims":
+            continue
+        cell = summary[r["study"]].setdefault(f"W={r['world']}, {r['setting']} per rank", {})
+        cell.setdefault(r["method"], []).append(r)
+    for study in ("tiny batch", "non-iid"):
+        for cell in summary[study].values():
+            for method, chosen in list(cell.items()):
+                if chosen[0].get("error"):
+                    cell[method] = {"error": chosen[0]["error"]}
+                    continue
+                row = dict(zip(("mean", "std"), spread([final(r) for r in chosen]), strict=True))
+                if method == "local BatchNorm":
+                    averaged = spread([final(r, "test_acc_averaged_stats") for r in chosen])
+                    row["averaged_stats_mean"], row["averaged_stats_std"] = averaged
+                row["n"] = len(chosen)
+                cell[method] = row
+    summary["claims"] = claims(runs)
     return summary
 
 
-def plot(runs: list[dict], summary: dict, per_rank: tuple[int, ...], path: Path) -> None:
-    fig, axes = plt.subplots(1, 2 + len(per_rank), figsize=(5 * (2 + len(per_rank)), 4))
-    for run in (r for r in runs if r["study"] == "lr"):
-        epochs = [h["epoch"] for h in run["history"]]
-        axes[0].plot(epochs, [h["loss"] for h in run["history"]], "o-", label=f"{run['norm']}, lr {run['lr']}")
-    axes[0].set(
-        xlabel="epoch", ylabel="training loss", yscale="log", title="No norm vs BatchNorm (1 process, batch 32)"
-    )
-    labels = list(METHODS)
-    width = 0.8 / len(per_rank)
-    for i, batch in enumerate(per_rank):
-        means = [summary[str(batch)][label]["mean"] for label in labels]
-        stds = [summary[str(batch)][label]["std"] for label in labels]
-        positions = [k + i * width for k in range(len(labels))]
-        axes[1].bar(positions, means, width, yerr=stds, capsize=3, label=f"{batch} per rank")
-    axes[1].set_xticks([k + width * (len(per_rank) - 1) / 2 for k in range(len(labels))])
-    axes[1].set_xticklabels([label.replace(", ", ",\n") for label in labels], fontsize=7)
-    axes[1].set(ylabel="final test accuracy", ylim=(0, 1), title="Tiny per-rank batches (mean ± std)")
-    for axis, batch in zip(axes[2:], per_rank, strict=True):
-        for label in labels:
-            chosen = [r for r in runs if r["study"] == "small batch" and r["method"] == label and r["setting"] == batch]
+def claims(runs: list[dict]) -> dict:
+    """Per norm: final accuracy per lr, the best and the largest stable lr, steps to TARGET,
+    accuracy at init ×0.1 and ×10 (lr 0.1), and the train-test gap at the best lr."""
+    out = {}
+    for norm, name in NORM_NAMES.items():
+        mine = [r for r in runs if r["study"] == "claims" and r["norm"] == norm]
+        if not mine:
+            continue
+        sweep = {}
+        for lr in sorted({r["lr"] for r in mine if r["init_scale"] == 1.0}):
+            chosen = [r for r in mine if r["lr"] == lr and r["init_scale"] == 1.0]
+            # Stable: every seed ends with a finite training loss below chance (ln 10).
+            stable = all(
+                math.isfinite(r["history"][-1]["loss"]) and r["history"][-1]["loss"] < math.log(10) for r in chosen
+            )
+            mean, std = spread([final(r) for r in chosen])
+            sweep[lr] = {"mean": mean, "std": std, "stable": stable, "runs": chosen}
+        best = max(sweep, key=lambda lr: sweep[lr]["mean"])
+        stable = [lr for lr, cell in sweep.items() if cell["stable"]]
+
+        def steps_to_target(chosen: list[dict]) -> list[float]:
+            return [next((h["step"] for h in r["history"] if h["test_acc"] >= TARGET), math.inf) for r in chosen]
+
+        gaps = [r["history"][-1].get("train_acc", math.nan) - final(r) for r in sweep[best]["runs"]]
+        init = {}
+        for scale in (0.1, 1.0, 10.0):
+            chosen = [r for r in mine if r["lr"] == 0.1 and r["init_scale"] == scale]
             if chosen:
-                epochs = [h["epoch"] for h in chosen[0]["history"]]
-                mean = [statistics.fmean(r["history"][e]["test_acc"] for r in chosen) for e in range(len(epochs))]
-                axis.plot(epochs, mean, "o-", label=label)
-        axis.set(xlabel="epoch", ylabel="test accuracy (mean over seeds)", title=f"{batch} samples per rank")
-    for axis in axes:
+                init[str(scale)] = dict(zip(("mean", "std"), spread([final(r) for r in chosen]), strict=True))
+        out[name] = {
+            "lr_sweep": {str(lr): {k: v for k, v in cell.items() if k != "runs"} for lr, cell in sweep.items()},
+            "best_lr": best,
+            "largest_stable_lr": max(stable) if stable else None,
+            f"steps_to_{TARGET}_at_best_lr": steps_to_target(sweep[best]["runs"]),
+            f"steps_to_{TARGET}_at_lr_0.1": steps_to_target(sweep[0.1]["runs"]) if 0.1 in sweep else None,
+            "init_scale_at_lr_0.1": init,
+            "train_test_gap_at_best_lr": dict(zip(("mean", "std"), spread(gaps), strict=True)),
+        }
+    return out
+
+
+def cell_text(row: dict) -> str:
+    return row["error"].split(",")[0] if "error" in row else f"{row['mean']:.3f} ± {row['std']:.3f}"
+
+
+def report(summary: dict) -> None:
+    for study in ("tiny batch", "non-iid"):
+        cells = summary[study]
+        methods = list(dict.fromkeys(m for cell in cells.values() for m in cell))
+        print(f"\n{study}: final test accuracy, mean ± std over seeds")
+        print("| method | " + " | ".join(cells) + " |")
+        print("|---" * (1 + len(cells)) + "|")
+        for method in methods:
+            row = [cell_text(cells[c][method]) if method in cells[c] else "" for c in cells]
+            print(f"| {method} | " + " | ".join(row) + " |")
+            if method == "local BatchNorm":
+                averaged = [
+                    f"{cells[c][method]['averaged_stats_mean']:.3f} ± {cells[c][method]['averaged_stats_std']:.3f}"
+                    for c in cells
+                    if method in cells[c]
+                ]
+                print("| local BatchNorm, running stats averaged over ranks | " + " | ".join(averaged) + " |")
+    print(f"\nclaims (one process, batch 32): final test accuracy and steps to {TARGET:.0%} test accuracy")
+    print(
+        "| norm | best lr | acc at best lr | largest stable lr | steps to target (best lr) | "
+        "acc, init ×0.1 | acc, init ×10 | train − test gap |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, c in summary["claims"].items():
+        best = c["lr_sweep"][str(c["best_lr"])]
+        steps = c[f"steps_to_{TARGET}_at_best_lr"]
+        reached = [s for s in steps if math.isfinite(s)]
+        steps_text = f"{statistics.fmean(reached):.0f} ({len(reached)}/{len(steps)} seeds)" if reached else "never"
+        init = {k: f"{v['mean']:.3f} ± {v['std']:.3f}" for k, v in c["init_scale_at_lr_0.1"].items()}
+        gap = c["train_test_gap_at_best_lr"]
+        print(
+            f"| {name} | {c['best_lr']} | {best['mean']:.3f} ± {best['std']:.3f} | {c['largest_stable_lr']} | "
+            f"{steps_text} | {init.get('0.1', '')} | {init.get('10.0', '')} | {gap['mean']:+.3f} ± {gap['std']:.3f} |"
+        )
+    print("\nlr sweep: final test accuracy (mean ± std; * = unstable in some seed)")
+    rates = sorted({float(lr) for c in summary["claims"].values() for lr in c["lr_sweep"]})
+    print("| norm | " + " | ".join(f"lr {lr}" for lr in rates) + " |")
+    print("|---" * (1 + len(rates)) + "|")
+    for name, c in summary["claims"].items():
+        cells = [c["lr_sweep"].get(str(lr)) for lr in rates]
+        text = [f"{x['mean']:.3f} ± {x['std']:.3f}{'' if x['stable'] else '*'}" if x else "" for x in cells]
+        print(f"| {name} | " + " | ".join(text) + " |")
+
+
+def band(axis, chosen: list[dict], label: str, key: str = "test_acc", x: str = "epoch") -> None:
+    """Mean over seeds with a ±1 std band."""
+    chosen = [r for r in chosen if r["history"]]
+    if not chosen:
+        return
+    length = min(len(r["history"]) for r in chosen)
+    xs = [chosen[0]["history"][i][x] for i in range(length)]
+    values = [[r["history"][i][key] for r in chosen] for i in range(length)]
+    means = [statistics.fmean(v) for v in values]
+    stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+    (line,) = axis.plot(xs, means, "o-", markersize=3, label=label)
+    axis.fill_between(
+        xs,
+        [m - s for m, s in zip(means, stds, strict=True)],
+        [m + s for m, s in zip(means, stds, strict=True)],
+        color=line.get_color(),
+        alpha=0.2,
+    )
+
+
+def plot(runs: list[dict], summary: dict, path: Path) -> None:
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
+    tiny = [r for r in runs if r["study"] == "tiny batch" and "head" not in r["method"]]
+    world, setting = max({(r["world"], r["setting"]) for r in tiny}, key=lambda k: k[0] / k[1])
+    for method in METHODS:
+        chosen = [r for r in tiny if r["method"] == method and (r["world"], r["setting"]) == (world, setting)]
+        band(axes[0, 0], chosen, method)
+        if method == "local BatchNorm":
+            band(axes[0, 0], chosen, "local BatchNorm, averaged stats", key="test_acc_averaged_stats")
+    axes[0, 0].set(title=f"tiny batch: W={world}, {setting} per rank", xlabel="epoch", ylabel="test accuracy")
+    cells = summary["tiny batch"]
+    width = 0.8 / len(METHODS)
+    for k, method in enumerate(METHODS):
+        rows = [cells[c].get(method, {}) for c in cells]
+        axes[0, 1].bar(
+            [i + k * width for i in range(len(cells))],
+            [r.get("mean", 0) for r in rows],
+            width,
+            yerr=[r.get("std", 0) for r in rows],
+            capsize=3,
+            label=method,
+        )
+    axes[0, 1].set_xticks([i + 0.4 - width / 2 for i in range(len(cells))], list(cells), fontsize=8)
+    axes[0, 1].set(title="tiny batch: final test accuracy", ylim=(0, 1))
+    noniid = [r for r in runs if r["study"] == "non-iid"]
+    for method in METHODS:
+        band(axes[0, 2], [r for r in noniid if r["method"] == method], method)
+        if method == "local BatchNorm":
+            band(
+                axes[0, 2],
+                [r for r in noniid if r["method"] == method],
+                "local BatchNorm, averaged stats",
+                key="test_acc_averaged_stats",
+            )
+    axes[0, 2].set(title="non-IID: 5 ranks × 4, two classes per rank", xlabel="epoch", ylabel="test accuracy")
+    for name, c in summary["claims"].items():
+        rates = sorted(float(lr) for lr in c["lr_sweep"])
+        axes[1, 0].errorbar(
+            rates,
+            [c["lr_sweep"][str(lr)]["mean"] for lr in rates],
+            yerr=[c["lr_sweep"][str(lr)]["std"] for lr in rates],
+            marker="o",
+            capsize=3,
+            label=name,
+        )
+    axes[1, 0].set(xscale="log", title="claims: final test accuracy vs lr", xlabel="lr (log)", ylabel="test accuracy")
+    claim_runs = [r for r in runs if r["study"] == "claims" and r["init_scale"] == 1.0]
+    for norm, name in NORM_NAMES.items():
+        if name in summary["claims"]:
+            best = summary["claims"][name]["best_lr"]
+            band(
+                axes[1, 1],
+                [r for r in claim_runs if r["norm"] == norm and r["lr"] == best],
+                f"{name}, lr {best}",
+                x="step",
+            )
+    axes[1, 1].axhline(TARGET, color="gray", linestyle=":")
+    axes[1, 1].set(title="claims: test accuracy vs step, each at its best lr", xlabel="step", ylabel="test accuracy")
+    names = list(summary["claims"])
+    for k, scale in enumerate(("0.1", "1.0", "10.0")):
+        rows = [summary["claims"][n]["init_scale_at_lr_0.1"].get(scale, {}) for n in names]
+        axes[1, 2].bar(
+            [i + k * 0.27 for i in range(len(names))],
+            [r.get("mean", 0) for r in rows],
+            0.27,
+            yerr=[r.get("std", 0) for r in rows],
+            capsize=3,
+            label=f"init ×{scale}",
+        )
+    axes[1, 2].set_xticks([i + 0.27 for i in range(len(names))], names, fontsize=8)
+    axes[1, 2].set(title="claims: init scale (lr 0.1)", ylim=(0, 1), ylabel="final test accuracy")
+    for axis in axes.flat:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
     save_figure(fig, path)
     plt.close(fig)
+
+
+def main() -> None:
+    parser = make_parser(__doc__, "one seed, one epoch, fewer settings (under a minute)")
+    args = parser.parse_args()
+    runs = run_all(plan(args.quick))
+    summary = summarize(runs)
+    report(summary)
+    plot(runs, summary, args.results / "convergence.png")
+    config = {"target_acc": TARGET, "quick": args.quick}
+    path = write_json(args.results / "convergence.json", {"config": config, "summary": summary, "runs": runs})
+    print(f"\nwrote {path} and convergence.png")
 
 
 if __name__ == "__main__":

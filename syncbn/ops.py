@@ -60,7 +60,7 @@ _ONE_VALUE = "expected more than 1 value per channel in the global batch when tr
 
 def _impl(t: Tensor):
     """The kernels for tensors like ``t``: the C++ ones, or stock ops."""
-    return torch.ops.syncbn_cpu if t.device.type == "cpu" and kernels.available() else reference
+    return torch.ops.syncbn_cpu if t.is_cpu and kernels.available() else reference
 
 
 def _check_stats(stats: Tensor, input_shape: list[int] | None, check_finite: bool) -> None:
@@ -89,14 +89,21 @@ def _moments(input):
     return _impl(input).moments(input)
 
 
+# The C++ kernels check the count themselves, where they read it (check_count).
+
+
 def _forward_apply(input, stats, weight, bias, eps, check_finite, group):
-    _check_stats(stats, input.shape, check_finite)
-    return _impl(input).forward_apply(input, stats, weight, bias, eps)
+    impl = _impl(input)
+    if impl is reference or check_finite:
+        _check_stats(stats, input.shape, check_finite)
+    return impl.forward_apply(input, stats, weight, bias, eps)
 
 
 def _update_running_stats(running_mean, running_var, num_batches_tracked, stats, momentum):
-    _check_stats(stats, None, False)
-    _impl(running_mean).update_running_stats(running_mean, running_var, num_batches_tracked, stats, momentum)
+    impl = _impl(running_mean)
+    if impl is reference:
+        _check_stats(stats, None, False)
+    impl.update_running_stats(running_mean, running_var, num_batches_tracked, stats, momentum)
 
 
 def _backward_reduce(grad_output, input, mean, invstd):
@@ -156,7 +163,7 @@ def _backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
     if ctx.needs_input_grad[0]:
         global_sums = _comm.all_reduce(_comm.lookup(ctx.group), sums)
         grad_input = backward_apply(grad_output, input, mean, invstd, weight, stats, global_sums)
-    if weight is not None:
+    if weight is not None and weight.dtype != grad_weight.dtype:
         grad_weight, grad_bias = grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
     grad_weight = grad_weight if ctx.needs_input_grad[2] else None
     grad_bias = grad_bias if ctx.needs_input_grad[3] else None

@@ -157,6 +157,17 @@ std::pair<double, double> mean_var(const double* sums, int64_t C, int64_t c) {
   return {m, std::max(sums[1 + C + c] / n - m * m, 0.0)};
 }
 
+// The global count's checks, where the kernels read it, with the messages of syncbn/ops.py: a
+// NaN count is a peer's rejection, and one value per channel has no variance.
+void check_count(double n, const at::Tensor* input) {
+  TORCH_CHECK(n == n, "SyncBatchNorm: another rank of the group rejected its input (see its error)");
+  if (n == 1 && input) {
+    TORCH_CHECK_VALUE(false, "expected more than 1 value per channel in the global batch when training (got 1; "
+                             "this rank's input size ", input->sizes(), ")");
+  }
+  TORCH_CHECK_VALUE(n != 1, "expected more than 1 value per channel in the global batch when training (got 1)");
+}
+
 const double* checked_sums(const at::Tensor& t, int64_t numel, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kDouble && t.is_contiguous() && t.numel() == numel,
               "expected ", name, " as ", numel, " contiguous float64 numbers on the CPU (got ", t.sizes(), " ",
@@ -436,6 +447,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_apply(const at::Tensor& i
   const Layout l = layout(input);
   const int64_t C = l.C;
   const double* sums = checked_sums(stats, 2 * C + 1, "stats");
+  check_count(sums[0], &input);
   std::vector<double> mean(C), invstd(C), scale(C), shift(C, 0.0);
   const std::vector<double> w = weight ? per_channel(*weight, C, "weight") : std::vector<double>(C, 1.0);
   if (bias) shift = per_channel(*bias, C, "bias");
@@ -458,6 +470,7 @@ void update_running_stats(const at::Tensor& running_mean, const at::Tensor& runn
   TORCH_CHECK(num_batches_tracked.numel() == 1 && num_batches_tracked.scalar_type() == at::kLong,
               "expected num_batches_tracked as one int64 (got ", num_batches_tracked.sizes(), " ",
               num_batches_tracked.scalar_type(), ")");
+  check_count(sums[0], nullptr);  // before anything moves
   num_batches_tracked.add_(1);
   const double n = sums[0];
   if (n == 0) return;  // an empty global batch counts as a batch, as in nn.BatchNorm, but moves nothing

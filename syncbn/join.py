@@ -94,6 +94,10 @@ class SyncBatchNormJoinable(Joinable):
         self._model = model
         self._layers = list(layers.values())
         self._group = _comm.torch_group(group)
+        size, job = _comm.resolve(self._group).world_size, _comm.resolve(None).world_size
+        if size != job:
+            # Join counts the ranks of one group, and the clone below is made by every rank.
+            raise ValueError(f"expected the SyncBatchNorm layers on a group of all {job} ranks (got {size} ranks)")
         self._comm = _comm.resolve(_comm.clone_group(self._group))
         self._device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
         self._notice = None  # this iteration's join notification, until read

@@ -112,6 +112,9 @@ def test_join_trains_as_one_process_on_the_active_ranks_batches(
 
 
 def throw_at_first_exhausted_rank(rank, world, counts):
+    alone = syncbn.convert_sync_batchnorm(Net(nn.BatchNorm2d), syncbn.new_groups(1))
+    with pytest.raises(ValueError, match="on a group of all 2 ranks"):
+        syncbn.joinable(alone)
     model = Net(syncbn.SyncBatchNorm)
     ddp = DDP(model)
     joinable = syncbn.joinable(ddp)

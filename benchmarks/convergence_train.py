@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
 
-NORMS = ("bn", "bn-local", "syncbn", "gn", "ln", "in", "none")
+import syncbn
+
 CHANNELS = (16, 32, 64)
 
 
@@ -216,8 +217,6 @@ def train(run: Run) -> dict:
 def _train_rank(run: Run, rank: int, model: nn.Module, comm: _Member, data) -> list[dict]:
     (train_x, train_y), (test_x, test_y) = data
     if run.norm == "syncbn":
-        import syncbn
-
         model = syncbn.convert_sync_batchnorm(model, comm)
     optimizer = torch.optim.SGD(model.parameters(), lr=run.lr, momentum=0.9)
     per_epoch = steps_per_epoch(run, train_y)
@@ -239,8 +238,9 @@ def _train_rank(run: Run, rank: int, model: nn.Module, comm: _Member, data) -> l
             optimizer.step()
             losses.append(flat[-1].item())
             step += 1
-            if not math.isfinite(losses[-1]):
-                return history + [{"epoch": epoch + i / per_epoch, "step": step, "loss": losses[-1], "test_acc": 0.1}]
+            if not math.isfinite(losses[-1]):  # diverged: a last evaluation, and stop
+                point = {"epoch": epoch + i / per_epoch, "step": step, "loss": losses[-1], "diverged": True}
+                return history + [{**point, **_evaluate(run, model, comm, data, last=True)}]
             if i in marks:
                 point = {"epoch": epoch + i / per_epoch, "step": step, "loss": sum(losses) / len(losses)}
                 losses = []
@@ -254,7 +254,6 @@ def _evaluate(run: Run, model: nn.Module, comm: _Member, data, last: bool) -> di
     the running stats averaged over the ranks, which every rank takes part in."""
     (train_x, train_y), (test_x, test_y) = data
     stats = [b for name, b in model.named_buffers() if name.endswith(("running_mean", "running_var"))]
-    own = [b.clone() for b in stats]
     averaged = None
     if run.norm == "bn-local" and run.ranks > 1:
         flat = torch.cat([b.reshape(-1) for b in stats]) / run.ranks
@@ -266,6 +265,7 @@ def _evaluate(run: Run, model: nn.Module, comm: _Member, data, last: bool) -> di
     if last:
         point["train_acc"] = accuracy(model, train_x, train_y)
     if averaged is not None:
+        own = [b.clone() for b in stats]
         for b, value in zip(stats, averaged, strict=True):
             b.copy_(value.view_as(b))
         point["test_acc_averaged_stats"] = accuracy(model, test_x, test_y)

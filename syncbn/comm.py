@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import os
 import weakref
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -30,7 +31,9 @@ import torch.distributed._functional_collectives as funcol
 # the process. Imported here, with syncbn, it is imported before any group exists.
 import torch.distributed.nn  # noqa: F401
 from torch.distributed._functional_collectives import _are_we_tracing
+from torch.distributed.algorithms.join import Join
 
+from . import debug
 from .placement import discover
 
 __all__ = [
@@ -46,6 +49,11 @@ __all__ = [
     "new_groups",
     "torch_group",
     "clone_group",
+    "AnnouncedComm",
+    "shadow_announced",
+    "end_announced",
+    "notify_join",
+    "active_ranks",
     "init",
     "shutdown",
 ]
@@ -172,7 +180,7 @@ class MPIComm:
 def _torch_comm(group: Any) -> TorchComm:
     # One communicator per live group, kept by key, so that its message buffers outlive the
     # backend's use of them (see TorchComm); a destroyed group's name can be reused.
-    group = dist.group.WORLD if group is None else group
+    group = torch_group(group)
     comm = _by_key.get(f"torch:{group.group_name}")
     if comm is None or comm.group is None:
         comm = TorchComm(group)
@@ -327,6 +335,104 @@ def clone_group(process_group: Any) -> Any:
     Like ``dist.new_group``, a collective: every process of the job must call it.
     """
     return dist.new_group(dist.get_process_group_ranks(process_group))
+
+
+class AnnouncedComm:
+    """A Communicator that, while ``announcing()`` is true, precedes each float64 message
+    with a header, so that ranks taking no part in the computation (ranks that have joined,
+    see `syncbn.join`) can learn what to contribute: `shadow_announced` answers with zeros.
+
+    The header is (1, n, n²) for a message of n numbers: its sum over the ranks gives n, and
+    shows every rank at once whether the announcing ranks agree (Σ1·Σn² = (Σn)²). In debug
+    mode it is a row (``label``, n, 1) per rank instead, so that ``disagreement`` can name
+    each rank's layer. On a disagreement every announcing rank raises ``disagreement(header)``.
+    """
+
+    def __init__(
+        self,
+        inner: Communicator,
+        announcing: Callable[[], bool],
+        label: int,
+        disagreement: Callable[[torch.Tensor], str],
+    ) -> None:
+        self.inner = inner
+        self.announcing = announcing
+        self.label = label
+        self.disagreement = disagreement
+        self.world_size = inner.world_size
+        self.rank = inner.rank
+
+    def all_reduce_(self, tensor: torch.Tensor) -> None:
+        if self.announcing():
+            if tensor.dtype != torch.float64:
+                raise TypeError(f"expected a float64 SyncBatchNorm message (got {tensor.dtype})")
+            header = _header(self.inner, tensor.numel(), self.label, tensor.device)
+            self.inner.all_reduce_(header)
+            if _agreed_size(header) is None:
+                raise RuntimeError(self.disagreement(header))
+        self.inner.all_reduce_(tensor)
+
+
+def _header(comm: Communicator, size: int, label: int, device: torch.device) -> torch.Tensor:
+    """This rank's header for a message of ``size`` numbers; ``size=0`` from a silent rank."""
+    if debug.enabled():
+        header = torch.zeros(comm.world_size, 3, dtype=torch.float64)
+        if size:
+            header[comm.rank] = torch.tensor([label, size, 1])
+        return header.to(device)
+    return torch.tensor([1.0, size, size * size] if size else [0.0, 0.0, 0.0], dtype=torch.float64, device=device)
+
+
+def _agreed_size(header: torch.Tensor) -> int | None:
+    """From the summed header: the size every announcing rank gave, 0 when none announced,
+    None when they disagree."""
+    if header.dim() == 2:
+        rows = [row for row in header.tolist() if row[2]]
+        if not rows:
+            return 0
+        return int(rows[0][1]) if all(row == rows[0] for row in rows) else None
+    active, total, squares = header.tolist()
+    if active == 0:
+        return 0
+    return int(total / active) if active * squares == total * total else None
+
+
+def shadow_announced(comm: Communicator, device: torch.device) -> None:
+    """Answer each message announced on ``comm`` with zeros, until a header that no rank
+    announced (`end_announced` from the others) or one they disagree on (they raise)."""
+    while True:
+        header = _header(comm, 0, 0, device)
+        comm.all_reduce_(header)
+        size = _agreed_size(header)
+        if not size:
+            return
+        comm.all_reduce_(torch.zeros(size, dtype=torch.float64, device=device))
+
+
+def end_announced(comm: Communicator, device: torch.device) -> None:
+    """The header that ends `shadow_announced` on the ranks serving it: every other rank
+    sends it once, when no rank announces any more."""
+    comm.all_reduce_(_header(comm, 0, 0, device))
+
+
+def notify_join(joinable: Any, ddp: Any = None) -> Any:
+    """``Join.notify_join_context(joinable)``: the work handle of the all-reduce that tells
+    Join this rank is still active, when ``joinable`` is the first in a live Join; else None.
+
+    When ``ddp`` (a DistributedDataParallel) shares that Join, its reducer gets the handle too,
+    as DDP does with its own notification when it is the first joinable, so that
+    ``divide_by_initial_world_size=False`` still divides by the number of active ranks.
+    """
+    work = Join.notify_join_context(joinable)
+    if work is not None and ddp is not None:
+        ddp.reducer._set_forward_pass_work_handle(work, getattr(ddp, "_divide_by_initial_world_size", True))
+    return work
+
+
+def active_ranks(work: Any) -> int:
+    """The number of active ranks that a `notify_join` handle counted (waits for it)."""
+    work.wait()
+    return int(work.get_future().value()[0].item())
 
 
 def init(backend: str = "auto", timeout: timedelta = timedelta(minutes=10)) -> Any:

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import os
 import zlib
+from typing import TYPE_CHECKING
 
 import torch
 
-from .comm import Communicator
+if TYPE_CHECKING:  # comm imports this module
+    from .comm import Communicator
 
 __all__ = ["enabled", "check_peers"]
 

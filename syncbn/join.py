@@ -1,4 +1,4 @@
-"""Uneven inputs: SyncBatchNorm under ``torch.distributed.algorithms.Join``.
+"""Uneven inputs: SyncBatchNorm under torch's ``Join`` context manager.
 
 When ranks run different numbers of iterations, the rank that runs out of data stops
 entering the layers' all-reduces and its peers wait forever. `joinable(model)` is the
@@ -43,24 +43,30 @@ The design, and why:
 * **The end.** When every rank has joined, a last all-zero header stops the threads, and
   one all-reduce copies the running stats and ``num_batches_tracked`` of a rank that ran
   to the end onto every rank, so that a checkpoint saved on any rank is right.
+
+The collectives (the notification, the headers, the shadows) are in `syncbn.comm`
+(`notify_join`, `AnnouncedComm`, `shadow_announced`); this module decides when each runs.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
+import weakref
 import zlib
 from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.algorithms.join import Join, Joinable, JoinHook, _JoinConfig
+from torch.distributed.algorithms.join import Joinable, JoinHook, _JoinConfig
 
 from . import comm as _comm
-from . import debug
 from .modules import SyncBatchNorm
 
 __all__ = ["joinable", "SyncBatchNormJoinable"]
+
+# The joinable of each model wrapped so far: its layers have moved to the joinable's group.
+_made: weakref.WeakKeyDictionary[nn.Module, SyncBatchNormJoinable] = weakref.WeakKeyDictionary()
 
 
 def joinable(model: nn.Module) -> SyncBatchNormJoinable:
@@ -68,22 +74,21 @@ def joinable(model: nn.Module) -> SyncBatchNormJoinable:
 
     ``model`` is what the training loop calls: the DDP-wrapped model when DDP is used (the
     joinable notifies Join in a forward pre-hook on it). Its SyncBatchNorm layers must share
-    one torch.distributed group; they move to a clone of it. Creating that clone is a
+    one process group of all ranks; they move to a clone of it. Creating that clone is a
     collective: every process of the job must call `joinable`. Calling it again on the same
     model returns the same joinable.
     """
+    if model in _made:
+        return _made[model]
     layers = {name: m for name, m in model.named_modules() if isinstance(m, SyncBatchNorm)}
     if not layers:
         raise ValueError("expected a model with SyncBatchNorm layers (found none)")
-    if all(isinstance(layer.process_group, _Announcing) for layer in layers.values()):
-        joinables = {id(layer.process_group.joinable): layer.process_group.joinable for layer in layers.values()}
-        if len(joinables) == 1:
-            return next(iter(joinables.values()))
     groups = {id(layer.process_group): layer.process_group for layer in layers.values()}
     if len(groups) > 1:
         raise ValueError(f"expected the SyncBatchNorm layers to share one process group (got {len(groups)})")
     (group,) = groups.values()
-    return SyncBatchNormJoinable(model, layers, group)
+    _made[model] = SyncBatchNormJoinable(model, layers, group)
+    return _made[model]
 
 
 class SyncBatchNormJoinable(Joinable):
@@ -103,10 +108,11 @@ class SyncBatchNormJoinable(Joinable):
         self._notice = None  # this iteration's join notification, until read
         self._some_joined = False
         self._server: _ShadowServer | None = None
-        # Debug mode names a layer by a hash of its path in the model.
-        self._names = {zlib.crc32(name.encode()): (name, layer.num_features) for name, layer in layers.items()}
+        # Debug mode labels a layer's messages by a hash of its path in the model.
+        labels = {name: zlib.crc32(name.encode()) for name in layers}
+        self._names = {labels[name]: (name, layer.num_features) for name, layer in layers.items()}
         for name, layer in layers.items():
-            layer.process_group = _Announcing(self._comm, self, name)
+            layer.process_group = _comm.AnnouncedComm(self._comm, self.some_joined, labels[name], self.disagreement)
         model.register_forward_pre_hook(self._notify)
 
     @property
@@ -134,20 +140,12 @@ class SyncBatchNormJoinable(Joinable):
 
     def _notify(self, module: nn.Module, args: Any) -> None:
         """Forward pre-hook: tell Join that this rank has not joined, once per iteration."""
-        work = Join.notify_join_context(self)
-        self._notice = work
-        if work is not None and hasattr(self._model, "reducer"):
-            # What DDP does with its own notification when it is the first joinable.
-            self._model.reducer._set_forward_pass_work_handle(
-                work, getattr(self._model, "_divide_by_initial_world_size", True)
-            )
+        self._notice = _comm.notify_join(self, self._model if hasattr(self._model, "reducer") else None)
 
     def some_joined(self) -> bool:
         """Whether a rank has joined, as this iteration's notification counted."""
         if self._notice is not None:
-            self._notice.wait()
-            active = self._notice.get_future().value()[0].item()
-            self._some_joined = active < self._comm.world_size
+            self._some_joined = _comm.active_ranks(self._notice) < self._comm.world_size
             self._notice = None
         return self._some_joined
 
@@ -166,7 +164,7 @@ class SyncBatchNormJoinable(Joinable):
     def _finish(self, is_last_joiner: bool) -> None:
         """Stop the shadows, then give every rank the running stats of a rank that ran to the end."""
         if self._server is None:
-            self._comm.all_reduce_(_header(self._comm, 0, 0, self._device))
+            _comm.end_announced(self._comm, self._device)
         else:
             self._server.stop()
             self._server = None
@@ -204,57 +202,6 @@ class _Hook(JoinHook):
         self.joinable._finish(is_last_joiner)
 
 
-class _Announcing:
-    """A layer's communicator under `joinable`: the layers' own group, announcing each message
-    while a rank has joined (see the module docstring)."""
-
-    def __init__(self, inner: _comm.Communicator, joinable: SyncBatchNormJoinable, name: str) -> None:
-        self.inner = inner
-        self.joinable = joinable
-        self.name = name
-        self.world_size = inner.world_size
-        self.rank = inner.rank
-
-    def all_reduce_(self, tensor: torch.Tensor) -> None:
-        if self.joinable.some_joined():
-            if tensor.dtype != torch.float64:
-                raise TypeError(f"expected a float64 SyncBatchNorm message (got {tensor.dtype})")
-            header = _header(self.inner, tensor.numel(), zlib.crc32(self.name.encode()), tensor.device)
-            self.inner.all_reduce_(header)
-            if _agreed_size(header) is None:
-                raise RuntimeError(self.joinable.disagreement(header))
-        self.inner.all_reduce_(tensor)
-
-
-def _header(comm: _comm.Communicator, size: int, layer: int, device: torch.device) -> torch.Tensor:
-    """This rank's announcement of a message of ``size`` numbers from the layer whose name
-    hashes to ``layer``; ``size=0`` on a joined rank.
-
-    (1, n, n²) normally; in debug mode a row (layer, n, 1) per rank, so that a disagreement
-    can name each rank's layer.
-    """
-    if debug.enabled():
-        header = torch.zeros(comm.world_size, 3, dtype=torch.float64)
-        if size:
-            header[comm.rank] = torch.tensor([layer, size, 1])
-        return header.to(device)
-    return torch.tensor([1.0, size, size * size] if size else [0.0, 0.0, 0.0], dtype=torch.float64, device=device)
-
-
-def _agreed_size(header: torch.Tensor) -> int | None:
-    """From the summed header: the size every active rank announced, 0 when none is active
-    (every rank has joined), None when the active ranks disagree."""
-    if header.dim() == 2:
-        rows = [row for row in header.tolist() if row[2]]
-        if not rows:
-            return 0
-        return int(rows[0][1]) if all(row == rows[0] for row in rows) else None
-    active, total, squares = header.tolist()
-    if active == 0:
-        return 0
-    return int(total / active) if active * squares == total * total else None
-
-
 class _ShadowServer:
     """A joined rank's thread that answers each announced SyncBN message with zeros."""
 
@@ -269,13 +216,7 @@ class _ShadowServer:
         try:
             if self._device.type == "cuda":
                 torch.cuda.set_device(self._device)
-            while True:
-                header = _header(self._comm, 0, 0, self._device)
-                self._comm.all_reduce_(header)
-                size = _agreed_size(header)
-                if not size:
-                    return  # every rank has joined, or the active ranks disagree and raise
-                self._comm.all_reduce_(torch.zeros(size, dtype=torch.float64, device=self._device))
+            _comm.shadow_announced(self._comm, self._device)
         except BaseException as error:  # surfaced by stop(), on the main thread
             self._error = error
 

@@ -65,7 +65,7 @@ class SyncBatchNorm(_BatchNorm):
     * ``torch.compile(model, fullgraph=True)`` compiles it, forward and backward, with no
       graph break over a process group (functional collectives) or an MPI
       communicator (a custom op); see ``syncbn.ops``.
-    * **Uneven iteration counts** under ``torch.distributed.algorithms.Join``: see
+    * **Uneven iteration counts** under torch's ``Join`` context manager: see
       ``syncbn.joinable``.
     * **Pickling** (``torch.save(model)``, ``pickle``) drops ``process_group``: a loaded
       layer has ``process_group=None``, the default group of the process that loads it.

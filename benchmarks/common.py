@@ -50,17 +50,20 @@ def time_interleaved(
     return samples
 
 
-def training_step(model, parameters, optimizer, x, y, comm, world: int) -> None:
+def training_step(model, parameters, optimizer, x, y, comm, world: int) -> torch.Tensor:
     """Forward, cross-entropy, backward, the gradients averaged with one flat all-reduce (as
-    DDP would), SGD. ``parameters`` is the module whose gradients are averaged (the model
-    itself, or the module a compiled wrapper runs)."""
+    DDP would), SGD; returns the loss averaged over the ranks, which rides in the same
+    all-reduce. ``parameters`` is the module whose gradients are averaged (the model itself,
+    or the module a compiled wrapper runs)."""
     optimizer.zero_grad()
-    torch.nn.functional.cross_entropy(model(x), y).backward()
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
     grads = [p.grad for p in parameters.parameters()]
-    flat = torch.cat([g.reshape(-1) for g in grads]).div_(world)
+    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1)]).div_(world)
     comm.all_reduce_(flat)
-    torch.nn.utils.vector_to_parameters(flat, grads)
+    torch.nn.utils.vector_to_parameters(flat[:-1], grads)
     optimizer.step()
+    return flat[-1]
 
 
 def median_ms(samples: list[float]) -> float:

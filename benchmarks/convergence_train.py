@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from common import training_step
 from sklearn.datasets import load_digits
 from torch import nn
 
@@ -227,16 +228,8 @@ def _train_rank(run: Run, rank: int, model: nn.Module, comm: _Member, data) -> l
         for i, parts in enumerate(global_batches(run, train_y, epoch), start=1):
             for group in optimizer.param_groups:  # linear warmup, then linear decay to 0
                 group["lr"] = run.lr * min(1.0, (step + 1) / run.warmup_steps, 1 - step / total)
-            index = parts[rank]
-            optimizer.zero_grad()
-            loss = F.cross_entropy(model(train_x[index]), train_y[index])
-            loss.backward()
-            grads = [p.grad for p in model.parameters()]
-            flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1)]).div_(run.ranks)
-            comm.all_reduce_(flat)
-            torch.nn.utils.vector_to_parameters(flat[:-1], grads)
-            optimizer.step()
-            losses.append(flat[-1].item())
+            x, y = train_x[parts[rank]], train_y[parts[rank]]
+            losses.append(training_step(model, model, optimizer, x, y, comm, run.ranks).item())
             step += 1
             if not math.isfinite(losses[-1]):  # diverged: a last evaluation, and stop
                 point = {"epoch": epoch + i / per_epoch, "step": step, "loss": losses[-1], "diverged": True}

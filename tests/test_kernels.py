@@ -191,20 +191,19 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
         kernels.available.cache_clear()
 
 
-def test_a_build_says_when_it_starts_and_ends(tmp_path):
+def test_a_build_says_when_it_starts_and_ends(tmp_path, monkeypatch):
     """A cache without the library builds, with one line to stderr before and one after; a
     warm one is silent. The compiled object comes from this session's cache, so the build
     here is a link (seconds); `make kernels` compiles from nothing on a fresh machine."""
     if os.environ.get("SYNCBN_CPU_KERNELS") == "0":
         pytest.skip("SYNCBN_CPU_KERNELS=0")
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
-    where = f"from torch.utils.cpp_extension import _get_build_directory as d; print(d({kernels._NAME!r}, False))"
-    folder = Path(subprocess.run([sys.executable, "-c", where], capture_output=True, text=True, env=env).stdout.strip())
-    shutil.copytree(Path(_get_build_directory(kernels._NAME, verbose=False)), folder, dirs_exist_ok=True)
+    built = Path(_get_build_directory(kernels._NAME, verbose=False))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = Path(_get_build_directory(kernels._NAME, verbose=False))
+    shutil.copytree(built, folder, dirs_exist_ok=True)
     (folder / f"{kernels._NAME}.so").unlink()
     code = "import syncbn.kernels as k; assert k.available()"
-    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=240)]
-    runs.append(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=240))
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240) for _ in range(2)]
     assert [run.returncode for run in runs] == [0, 0], runs
     lines = [line for line in runs[0].stderr.splitlines() if line.startswith("syncbn:")]
     assert len(lines) == 2 and "building the CPU kernels once" in lines[0] and "built in" in lines[1], runs[0].stderr

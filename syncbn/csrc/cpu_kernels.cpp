@@ -229,12 +229,21 @@ struct Lanes {
   }
 };
 
+// Asks for the cache lines of n values at p (64-byte lines).
+template <typename T>
+inline void prefetch(const T* p, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t i = 0; i < n * static_cast<int64_t>(sizeof(T)); i += 64) __builtin_prefetch(bytes + i);
+}
+
 // Per channel, in float64: s[c] = Σ a and t[c] = Σ a·(b − m[c]) over the values of channel c.
 // Without kCentred, b is a itself and m is 0: t[c] = Σ a² (the moments).
 //
 // Float64 adds, not memory, bound these loops: over (n, c) planes each channel keeps 16
 // independent lanes (`Lanes`); over rows, eight rows are added together before they touch
-// the per-channel sums in memory. Both orders are fixed by the shape alone.
+// the per-channel sums in memory. Both orders are fixed by the shape alone. Reading eight
+// rows side by side leaves the hardware prefetcher behind once the tensor is out of cache
+// (twice as slow as the same sums over planes), so each group of rows asks for the next.
 template <typename T, bool kCentred>
 void reduce_kernel(const Layout& l, const T* a, const T* b, const double* m, double* s, double* t) {
   using acc = opmath<T>;
@@ -280,6 +289,10 @@ void reduce_kernel(const Layout& l, const T* a, const T* b, const double* m, dou
       const int64_t stop = std::min(rows, (k + 1) * block);
       for (int64_t r = k * block; r < stop; r += kRows) {
         const int64_t count = std::min(kRows, stop - r);
+        if (r + 2 * kRows <= stop) {  // the next group
+          prefetch(a + (r + kRows) * C, kRows * C);
+          if constexpr (kCentred) prefetch(b + (r + kRows) * C, kRows * C);
+        }
         for (int64_t c0 = 0; c0 < C; c0 += kTile) {
           const int64_t len = std::min(kTile, C - c0);
           const acc* av[kRows];

@@ -240,10 +240,11 @@ inline void prefetch(const T* p, int64_t n) {
 // Without kCentred, b is a itself and m is 0: t[c] = Σ a² (the moments).
 //
 // Float64 adds, not memory, bound these loops: over (n, c) planes each channel keeps 16
-// independent lanes (`Lanes`); over rows, eight rows are added together before they touch
-// the per-channel sums in memory. Both orders are fixed by the shape alone. Reading eight
-// rows side by side leaves the hardware prefetcher behind once the tensor is out of cache
-// (twice as slow as the same sums over planes), so each group of rows asks for the next.
+// independent lanes (`Lanes`); over rows, groups of eight rows are added up before they
+// touch the per-channel float64 sums. Both orders are fixed by the shape alone. The moments
+// read a group's rows side by side, in registers, which leaves the hardware prefetcher
+// behind once the tensor is out of cache (twice as slow as the same sums over planes), so
+// each group asks for the next.
 template <typename T, bool kCentred>
 void reduce_kernel(const Layout& l, const T* a, const T* b, const double* m, double* s, double* t) {
   using acc = opmath<T>;
@@ -282,53 +283,58 @@ void reduce_kernel(const Layout& l, const T* a, const T* b, const double* m, dou
   std::vector<acc> mf(kCentred ? C : 0);
   for (int64_t c = 0; c < static_cast<int64_t>(mf.size()); ++c) mf[c] = static_cast<acc>(m[c]);
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    acc abuf[kRows][kTile], bbuf[kRows][kTile];
+    acc abuf[kRows][kTile], bbuf[kTile];
+    std::vector<acc> gs(kCentred ? C : 0), gt(kCentred ? C : 0);
     for (int64_t k = begin; k < end; ++k) {
       double* ps = partial.data() + k * 2 * C;
       double* pt = ps + C;
       const int64_t stop = std::min(rows, (k + 1) * block);
       for (int64_t r = k * block; r < stop; r += kRows) {
         const int64_t count = std::min(kRows, stop - r);
-        if (r + 2 * kRows <= stop) {  // the next group
-          prefetch(a + (r + kRows) * C, kRows * C);
-          if constexpr (kCentred) prefetch(b + (r + kRows) * C, kRows * C);
+        if constexpr (kCentred) {
+          // The backward's sums: the group's rows one after another into sums in the input's
+          // op math (float32 for float32), then into float64. Each product is exact to one
+          // rounding and nothing cancels after it; reading row after row keeps one stream
+          // per tensor, which the hardware prefetcher follows.
+          std::fill(gs.begin(), gs.end(), acc(0));
+          std::fill(gt.begin(), gt.end(), acc(0));
+          for (int64_t j = r; j < r + count; ++j) {
+            for (int64_t c0 = 0; c0 < C; c0 += kTile) {
+              const int64_t len = std::min(kTile, C - c0);
+              const acc *av = widen(a + j * C + c0, abuf[0], len), *bv = widen(b + j * C + c0, bbuf, len);
+              const acc* mi = mf.data() + c0;
+              acc *si = gs.data() + c0, *ti = gt.data() + c0;
+#pragma omp simd
+              for (int64_t i = 0; i < len; ++i) {
+                si[i] += av[i];
+                ti[i] += av[i] * (bv[i] - mi[i]);
+              }
+            }
+          }
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            ps[c] += gs[c];
+            pt[c] += gt[c];
+          }
+          continue;
         }
+        if (r + 2 * kRows <= stop) prefetch(a + (r + kRows) * C, kRows * C);  // the next group
         for (int64_t c0 = 0; c0 < C; c0 += kTile) {
           const int64_t len = std::min(kTile, C - c0);
           const acc* av[kRows];
-          const acc* bv[kRows];
-          for (int64_t j = 0; j < count; ++j) {
-            av[j] = widen(a + (r + j) * C + c0, abuf[j], len);
-            bv[j] = kCentred ? widen(b + (r + j) * C + c0, bbuf[j], len) : av[j];
-          }
-          const double* mc = m + c0;
+          for (int64_t j = 0; j < count; ++j) av[j] = widen(a + (r + j) * C + c0, abuf[j], len);
           if (count == kRows) {
 #pragma omp simd
             for (int64_t i = 0; i < len; ++i) {
-              if constexpr (kCentred) {
-                // The backward's sums, over the kRows rows in the input's op math (float32
-                // for float32), then in float64: each product is exact to one rounding, and
-                // nothing cancels after it.
-                const acc mi = mf[c0 + i];
-                acc sa = 0, ta = 0;
+              double sa = 0, ta = 0;
 #pragma GCC unroll 8
-                for (int64_t j = 0; j < kRows; ++j) {
-                  sa += av[j][i];
-                  ta += av[j][i] * (bv[j][i] - mi);
-                }
-                ps[c0 + i] += sa;
-                pt[c0 + i] += ta;
-              } else {
-                double sa = 0, ta = 0;
-#pragma GCC unroll 8
-                for (int64_t j = 0; j < kRows; ++j) {
-                  const double aj = av[j][i];
-                  sa += aj;
-                  ta += aj * aj;
-                }
-                ps[c0 + i] += sa;
-                pt[c0 + i] += ta;
+              for (int64_t j = 0; j < kRows; ++j) {
+                const double aj = av[j][i];
+                sa += aj;
+                ta += aj * aj;
               }
+              ps[c0 + i] += sa;
+              pt[c0 + i] += ta;
             }
           } else {
             for (int64_t j = 0; j < count; ++j) {
@@ -336,7 +342,7 @@ void reduce_kernel(const Layout& l, const T* a, const T* b, const double* m, dou
               for (int64_t i = 0; i < len; ++i) {
                 const double aj = av[j][i];
                 ps[c0 + i] += aj;
-                pt[c0 + i] += kCentred ? aj * (static_cast<double>(bv[j][i]) - mc[i]) : aj * aj;
+                pt[c0 + i] += aj * aj;
               }
             }
           }

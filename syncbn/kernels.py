@@ -32,8 +32,9 @@ _SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 _AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 _VECTOR = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
 # -fopenmp links the libgomp that torch has already loaded (same soname), so the kernels
-# share torch's OpenMP threads and follow torch.set_num_threads.
-_FLAGS = ["-O3", "-fopenmp"] + (_VECTOR if _AVX2 else ["-DCPU_CAPABILITY=DEFAULT"])
+# share torch's OpenMP threads and follow torch.set_num_threads. -fno-math-errno lets the
+# per-channel square roots vectorize (nothing reads errno).
+_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno"] + (_VECTOR if _AVX2 else ["-DCPU_CAPABILITY=DEFAULT"])
 # The cache name carries a digest of everything torch writes into the build file: the
 # source (its text and its path), the flags and the torch installation. A changed build, or
 # another checkout or environment sharing the cache, gets a folder of its own, so whether a

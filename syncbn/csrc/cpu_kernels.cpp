@@ -148,13 +148,19 @@ at::Tensor channel_tensor(const std::vector<double>& values, at::ScalarType dtyp
   return out;
 }
 
-// Channel c's mean and biased variance from float64 (n, Σx, Σx²); the variance is clamped at
-// 0, as rounding can dip below it. An empty batch gives 0 and 0.
-std::pair<double, double> mean_var(const double* sums, int64_t C, int64_t c) {
+// Every channel's mean and biased variance from float64 (n, Σx, Σx²); the variance is
+// clamped at 0, as rounding can dip below it. An empty batch gives 0 and 0. One branch-free
+// loop, which the compiler vectorizes (divisions and square roots are slow one at a time).
+std::pair<std::vector<double>, std::vector<double>> mean_var(const double* sums, int64_t C) {
+  std::vector<double> mean(C, 0.0), var(C, 0.0);
   const double n = sums[0];
-  if (n == 0) return {0.0, 0.0};
-  const double m = sums[1 + c] / n;
-  return {m, std::max(sums[1 + C + c] / n - m * m, 0.0)};
+  if (n == 0) return {mean, var};
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    mean[c] = sums[1 + c] / n;
+    var[c] = std::max(sums[1 + C + c] / n - mean[c] * mean[c], 0.0);
+  }
+  return {mean, var};
 }
 
 // The global count's checks, where the kernels read it, with the messages of syncbn/ops.py: a
@@ -397,9 +403,10 @@ void apply_kernel(const Layout& l, const T* x, const T* dy, const std::vector<do
   // Rows of fewer than kTile values go `group` rows at a time, with the coefficients repeated
   // to match, so that the loop runs over whole tiles instead of short rows.
   const int64_t group = std::max<int64_t>(1, kTile / C), width = group * C;
-  std::vector<acc> mg(width), pg(width), qg(width), rg(width);
-  for (int64_t i = 0; i < width; ++i) {
-    mg[i] = m[i % C], pg[i] = p[i % C], qg[i] = q[i % C], rg[i] = r[i % C];
+  std::vector<acc> mg, pg, qg, rg;
+  for (int64_t k = 0; k < group; ++k) {
+    mg.insert(mg.end(), m.begin(), m.end()), pg.insert(pg.end(), p.begin(), p.end());
+    qg.insert(qg.end(), q.begin(), q.end()), rg.insert(rg.end(), r.begin(), r.end());
   }
   const int64_t rows = l.rows(), groups = (rows + group - 1) / group;
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / width);
@@ -409,11 +416,11 @@ void apply_kernel(const Layout& l, const T* x, const T* dy, const std::vector<do
       const int64_t span = (std::min(rows, (g + 1) * group) - g * group) * C;
       for (int64_t c0 = 0; c0 < span; c0 += kTile) {
         const int64_t len = std::min(kTile, span - c0), off = g * width + c0;
-        const acc *xv = widen(x + off, xbuf, len), *mc = mg.data() + c0 % width, *pc = pg.data() + c0 % width;
-        const acc* rc = rg.data() + c0 % width;
+        const acc *xv = widen(x + off, xbuf, len), *mc = mg.data() + c0, *pc = pg.data() + c0;
+        const acc* rc = rg.data() + c0;
         acc* o = target(out + off, obuf);
         if (dy) {
-          const acc *dv = widen(dy + off, dbuf, len), *qc = qg.data() + c0 % width;
+          const acc *dv = widen(dy + off, dbuf, len), *qc = qg.data() + c0;
 #pragma omp simd
           for (int64_t i = 0; i < len; ++i) o[i] = pc[i] * (xv[i] - mc[i]) + qc[i] * dv[i] + rc[i];
         } else {
@@ -467,13 +474,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_apply(const at::Tensor& i
   const int64_t C = l.C;
   const double* sums = checked_sums(stats, 2 * C + 1, "stats");
   check_count(sums[0], &input);
-  std::vector<double> mean(C), invstd(C), scale(C), shift(C, 0.0);
+  const auto [mean, var] = mean_var(sums, C);
+  std::vector<double> invstd(C), scale(C), shift(C, 0.0);
   const std::vector<double> w = weight ? per_channel(*weight, C, "weight") : std::vector<double>(C, 1.0);
   if (bias) shift = per_channel(*bias, C, "bias");
+#pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
-    const auto [m, var] = mean_var(sums, C, c);
-    mean[c] = m;
-    invstd[c] = 1.0 / std::sqrt(var + eps);
+    invstd[c] = 1.0 / std::sqrt(var[c] + eps);
     scale[c] = w[c] * invstd[c];
   }
   const at::Tensor y = apply(input, l, nullptr, mean, scale, std::vector<double>(C, 0.0), shift);
@@ -494,12 +501,12 @@ void update_running_stats(const at::Tensor& running_mean, const at::Tensor& runn
   const double n = sums[0];
   if (n == 0) return;  // an empty global batch counts as a batch, as in nn.BatchNorm, but moves nothing
   const double factor = momentum ? *momentum : 1.0 / static_cast<double>(*num_batches_tracked.const_data_ptr<int64_t>());
+  const auto [batch_mean, biased] = mean_var(sums, C);
   std::vector<double> mean = per_channel(running_mean, C, "running_mean");
   std::vector<double> var = per_channel(running_var, C, "running_var");
   for (int64_t c = 0; c < C; ++c) {
-    const auto [m, biased] = mean_var(sums, C, c);
-    mean[c] += factor * (m - mean[c]);
-    var[c] += factor * (biased * (n / (n - 1)) - var[c]);
+    mean[c] += factor * (batch_mean[c] - mean[c]);
+    var[c] += factor * (biased[c] * (n / (n - 1)) - var[c]);
   }
   write_channels(running_mean, mean);
   write_channels(running_var, var);

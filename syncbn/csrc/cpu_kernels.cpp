@@ -242,6 +242,16 @@ inline void prefetch(const T* p, int64_t n) {
   for (int64_t i = 0; i < n * static_cast<int64_t>(sizeof(T)); i += 64) __builtin_prefetch(bytes + i);
 }
 
+// s[i] += a[i] and t[i] += a[i]·(b[i] − m[i]) for one row, in the sums' type U.
+template <typename V, typename U>
+inline void add_centred(const V* a, const V* b, const U* m, U* s, U* t, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    s[i] += a[i];
+    t[i] += a[i] * (static_cast<U>(b[i]) - m[i]);
+  }
+}
+
 // Per channel, in float64: s[c] = Σ a and t[c] = Σ a·(b − m[c]) over the values of channel c.
 // Without kCentred, b is a itself and m is 0: t[c] = Σ a² (the moments).
 //
@@ -298,29 +308,33 @@ void reduce_kernel(const Layout& l, const T* a, const T* b, const double* m, dou
       for (int64_t r = k * block; r < stop; r += kRows) {
         const int64_t count = std::min(kRows, stop - r);
         if constexpr (kCentred) {
-          // The backward's sums: the group's rows one after another into sums in the input's
-          // op math (float32 for float32), then into float64. Each product is exact to one
-          // rounding and nothing cancels after it; reading row after row keeps one stream
-          // per tensor, which the hardware prefetcher follows.
-          std::fill(gs.begin(), gs.end(), acc(0));
-          std::fill(gt.begin(), gt.end(), acc(0));
+          // The backward's sums: a whole group's rows one after another into sums in the
+          // input's op math (float32 for float32), then into float64. Each product is exact
+          // to one rounding and nothing cancels after it; reading row after row keeps one
+          // stream per tensor, which the hardware prefetcher follows. A short last group
+          // goes straight into float64.
+          const bool whole = count == kRows;
+          if (whole) {
+            std::fill(gs.begin(), gs.end(), acc(0));
+            std::fill(gt.begin(), gt.end(), acc(0));
+          }
           for (int64_t j = r; j < r + count; ++j) {
             for (int64_t c0 = 0; c0 < C; c0 += kTile) {
               const int64_t len = std::min(kTile, C - c0);
               const acc *av = widen(a + j * C + c0, abuf[0], len), *bv = widen(b + j * C + c0, bbuf, len);
-              const acc* mi = mf.data() + c0;
-              acc *si = gs.data() + c0, *ti = gt.data() + c0;
-#pragma omp simd
-              for (int64_t i = 0; i < len; ++i) {
-                si[i] += av[i];
-                ti[i] += av[i] * (bv[i] - mi[i]);
+              if (whole) {
+                add_centred(av, bv, mf.data() + c0, gs.data() + c0, gt.data() + c0, len);
+              } else {
+                add_centred(av, bv, m + c0, ps + c0, pt + c0, len);
               }
             }
           }
+          if (whole) {
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            ps[c] += gs[c];
-            pt[c] += gt[c];
+            for (int64_t c = 0; c < C; ++c) {
+              ps[c] += gs[c];
+              pt[c] += gt[c];
+            }
           }
           continue;
         }
@@ -493,14 +507,15 @@ void update_running_stats(const at::Tensor& running_mean, const at::Tensor& runn
                           std::optional<double> momentum) {
   const int64_t C = running_mean.numel();
   const double* sums = checked_sums(stats, 2 * C + 1, "stats");
-  TORCH_CHECK(num_batches_tracked.numel() == 1 && num_batches_tracked.scalar_type() == at::kLong,
-              "expected num_batches_tracked as one int64 (got ", num_batches_tracked.sizes(), " ",
-              num_batches_tracked.scalar_type(), ")");
+  TORCH_CHECK(num_batches_tracked.numel() == 1 && num_batches_tracked.scalar_type() == at::kLong &&
+                  num_batches_tracked.device().is_cpu(),
+              "expected num_batches_tracked as one int64 on the CPU (got ", num_batches_tracked.sizes(), " ",
+              num_batches_tracked.scalar_type(), " on ", num_batches_tracked.device(), ")");
   check_count(sums[0], nullptr);  // before anything moves
-  num_batches_tracked.add_(1);
+  const int64_t batches = ++*num_batches_tracked.mutable_data_ptr<int64_t>();  // written like the running stats
   const double n = sums[0];
   if (n == 0) return;  // an empty global batch counts as a batch, as in nn.BatchNorm, but moves nothing
-  const double factor = momentum ? *momentum : 1.0 / static_cast<double>(*num_batches_tracked.const_data_ptr<int64_t>());
+  const double factor = momentum ? *momentum : 1.0 / static_cast<double>(batches);
   const auto [batch_mean, biased] = mean_var(sums, C);
   std::vector<double> mean = per_channel(running_mean, C, "running_mean");
   std::vector<double> var = per_channel(running_var, C, "running_var");

@@ -158,11 +158,13 @@ def _(grad_output, input, mean, invstd, weight, stats, grad_sums):
 
 def _backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
     input, weight, stats, mean, invstd = ctx.saved_tensors
-    sums, grad_weight, grad_bias = backward_reduce(grad_output, input, mean, invstd)
+    # The eager Function chose its kernels in the forward; a traced backward emits the ops.
+    kernels = getattr(ctx, "kernels", torch.ops.syncbn)
+    sums, grad_weight, grad_bias = kernels.backward_reduce(grad_output, input, mean, invstd)
     grad_input = None
     if ctx.needs_input_grad[0]:
         global_sums = _comm.all_reduce(_comm.lookup(ctx.group), sums)
-        grad_input = backward_apply(grad_output, input, mean, invstd, weight, stats, global_sums)
+        grad_input = kernels.backward_apply(grad_output, input, mean, invstd, weight, stats, global_sums)
     if weight is not None and weight.dtype != grad_weight.dtype:
         grad_weight, grad_bias = grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
     grad_weight = grad_weight if ctx.needs_input_grad[2] else None
@@ -193,6 +195,7 @@ class _ForwardApply(torch.autograd.Function):
     def forward(ctx, input, stats, weight, bias, eps, check_finite, group):
         output = _forward_apply(input, stats, weight, bias, eps, check_finite, group)
         _setup_context(ctx, (input, stats, weight, bias, eps, check_finite, group), output)
+        ctx.kernels = _impl(input)
         return output
 
     @staticmethod

@@ -9,9 +9,9 @@
 //
 // Memory is walked in storage order: (n, c) planes when channels are outer (NC... contiguous),
 // rows of C values when they are innermost (channels_last, channels_last_3d, (N, C)). Other
-// strides are made dense first. Half and bfloat16 values are widened to float32 a tile at a
-// time with ATen's vectorized conversions; all arithmetic runs in float32 (float64 for
-// float64 input), and the sums in float64.
+// strides are made dense first. Half and bfloat16 values are widened to float32 with ATen's
+// vectorized conversions (the sums a tile at a time, the elementwise passes in registers);
+// all arithmetic runs in float32 (float64 for float64 input), and the sums in float64.
 //
 // Thread count: elementwise passes write each output once, so they are exact on any number
 // of threads. Sums are taken in an order fixed by the shape alone: over (n, c) planes each
@@ -44,7 +44,7 @@ namespace {
 template <typename T>
 using opmath = at::opmath_type<T>;
 
-constexpr int64_t kTile = 256;  // elements widened or narrowed at a time, on the stack
+constexpr int64_t kTile = 256;  // elements widened at a time, on the stack
 
 // n values at src as opmath values: src itself when no conversion is needed, else buf.
 template <typename T>
@@ -62,29 +62,6 @@ inline const opmath<T>* widen(const T* src, opmath<T>* buf, int64_t n) {
     }
     for (; i < n; ++i) buf[i] = static_cast<float>(src[i]);
     return buf;
-  }
-}
-
-// Where a tile of results is computed: the output itself, or buf to be narrowed into it.
-template <typename T>
-inline opmath<T>* target(T* dst, opmath<T>* buf) {
-  if constexpr (std::is_same_v<T, opmath<T>>) {
-    return dst;
-  } else {
-    return buf;
-  }
-}
-
-template <typename T>
-inline void narrow(const opmath<T>* buf, T* dst, int64_t n) {
-  if constexpr (!std::is_same_v<T, opmath<T>>) {
-    using Vec = at::vec::Vectorized<T>;
-    using FVec = at::vec::Vectorized<float>;
-    int64_t i = 0;
-    for (; i + Vec::size() <= n; i += Vec::size()) {
-      at::vec::convert_from_float<T>(FVec::loadu(buf + i), FVec::loadu(buf + i + FVec::size())).store(dst + i);
-    }
-    for (; i < n; ++i) dst[i] = static_cast<T>(buf[i]);
   }
 }
 
@@ -380,6 +357,56 @@ void reduce_kernel(const Layout& l, const T* a, const T* b, const double* m, dou
   }
 }
 
+// A run's coefficients: one per value (kPerValue), or one for the whole run, held in a local
+// so that the compiler need not reload it after every store to the output.
+template <bool kPerValue, typename U>
+struct Coef {
+  const U* c;
+  U one;
+  explicit Coef(const U* c) : c(c), one(c[0]) {}
+  U operator[](int64_t i) const {
+    if constexpr (kPerValue) {
+      return c[i];
+    } else {
+      return one;
+    }
+  }
+};
+
+// out = p·(x − m) + q·dy + r over a run of n values, in opmath; without dy when dy is null.
+// Half and bfloat16 values are widened and narrowed in registers, a vector at a time.
+template <bool kPerValue, typename T>
+inline void apply_run(const T* x, const T* dy, T* out, int64_t n, const opmath<T>* m, const opmath<T>* p,
+                      const opmath<T>* q, const opmath<T>* r) {
+  using acc = opmath<T>;
+  int64_t i = 0;
+  if constexpr (!std::is_same_v<T, acc>) {
+    using Vec = at::vec::Vectorized<T>;
+    using FVec = at::vec::Vectorized<float>;
+    constexpr int64_t h = FVec::size();
+    const auto v = [](const float* c, int64_t j) { return kPerValue ? FVec::loadu(c + j) : FVec(c[0]); };
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      auto [x0, x1] = at::vec::convert_to_float<T>(Vec::loadu(x + i));
+      FVec o0 = v(p, i) * (x0 - v(m, i)), o1 = v(p, i + h) * (x1 - v(m, i + h));
+      if (dy) {
+        auto [d0, d1] = at::vec::convert_to_float<T>(Vec::loadu(dy + i));
+        o0 = o0 + v(q, i) * d0, o1 = o1 + v(q, i + h) * d1;
+      }
+      at::vec::convert_from_float<T>(o0 + v(r, i), o1 + v(r, i + h)).store(out + i);
+    }
+  }
+  const Coef<kPerValue, acc> mc(m), pc(p), qc(q), rc(r);
+  if (dy) {
+#pragma omp simd
+    for (int64_t j = i; j < n; ++j) {
+      out[j] = static_cast<T>(pc[j] * (static_cast<acc>(x[j]) - mc[j]) + qc[j] * static_cast<acc>(dy[j]) + rc[j]);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = i; j < n; ++j) out[j] = static_cast<T>(pc[j] * (static_cast<acc>(x[j]) - mc[j]) + rc[j]);
+  }
+}
+
 // out = p[c]·(x − m[c]) + q[c]·dy + r[c] per value, in opmath; without dy when dy is null.
 template <typename T>
 void apply_kernel(const Layout& l, const T* x, const T* dy, const std::vector<double>& m64,
@@ -392,30 +419,15 @@ void apply_kernel(const Layout& l, const T* x, const T* dy, const std::vector<do
   if (!l.channels_innermost) {
     const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / l.inner);
     at::parallel_for(0, l.N * C, grain, [&](int64_t begin, int64_t end) {
-      acc xbuf[kTile], dbuf[kTile], obuf[kTile];
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t c = plane % C, base = plane * l.inner;
-        const acc mc = m[c], pc = p[c], qc = q[c], rc = r[c];
-        for (int64_t i0 = 0; i0 < l.inner; i0 += kTile) {
-          const int64_t len = std::min(kTile, l.inner - i0), off = base + i0;
-          const acc* xv = widen(x + off, xbuf, len);
-          acc* o = target(out + off, obuf);
-          if (dy) {
-            const acc* dv = widen(dy + off, dbuf, len);
-#pragma omp simd
-            for (int64_t i = 0; i < len; ++i) o[i] = pc * (xv[i] - mc) + qc * dv[i] + rc;
-          } else {
-#pragma omp simd
-            for (int64_t i = 0; i < len; ++i) o[i] = pc * (xv[i] - mc) + rc;
-          }
-          narrow(o, out + off, len);
-        }
+        apply_run<false>(x + base, dy ? dy + base : nullptr, out + base, l.inner, &m[c], &p[c], &q[c], &r[c]);
       }
     });
     return;
   }
   // Rows of fewer than kTile values go `group` rows at a time, with the coefficients repeated
-  // to match, so that the loop runs over whole tiles instead of short rows.
+  // to match, so that each run is at least kTile values long.
   const int64_t group = std::max<int64_t>(1, kTile / C), width = group * C;
   std::vector<acc> mg, pg, qg, rg;
   for (int64_t k = 0; k < group; ++k) {
@@ -425,24 +437,9 @@ void apply_kernel(const Layout& l, const T* x, const T* dy, const std::vector<do
   const int64_t rows = l.rows(), groups = (rows + group - 1) / group;
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / width);
   at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
-    acc xbuf[kTile], dbuf[kTile], obuf[kTile];
     for (int64_t g = begin; g < end; ++g) {
-      const int64_t span = (std::min(rows, (g + 1) * group) - g * group) * C;
-      for (int64_t c0 = 0; c0 < span; c0 += kTile) {
-        const int64_t len = std::min(kTile, span - c0), off = g * width + c0;
-        const acc *xv = widen(x + off, xbuf, len), *mc = mg.data() + c0, *pc = pg.data() + c0;
-        const acc* rc = rg.data() + c0;
-        acc* o = target(out + off, obuf);
-        if (dy) {
-          const acc *dv = widen(dy + off, dbuf, len), *qc = qg.data() + c0;
-#pragma omp simd
-          for (int64_t i = 0; i < len; ++i) o[i] = pc[i] * (xv[i] - mc[i]) + qc[i] * dv[i] + rc[i];
-        } else {
-#pragma omp simd
-          for (int64_t i = 0; i < len; ++i) o[i] = pc[i] * (xv[i] - mc[i]) + rc[i];
-        }
-        narrow(o, out + off, len);
-      }
+      const int64_t off = g * width, span = (std::min(rows, (g + 1) * group) - g * group) * C;
+      apply_run<true>(x + off, dy ? dy + off : nullptr, out + off, span, mg.data(), pg.data(), qg.data(), rg.data());
     }
   });
 }

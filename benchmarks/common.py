@@ -11,6 +11,7 @@ import importlib
 import json
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
@@ -33,6 +34,10 @@ def time_interleaved(
 ) -> dict[str, list[float]]:
     """Seconds per call of each variant, taken in round-robin so drift hits all alike.
 
+    Each round takes the variants in a new random order (a fixed seed), so that no variant
+    always runs after the same one: what a call leaves in the caches and the heap would
+    otherwise favour the variant after it. Every rank draws the same orders, so that with
+    a barrier in ``before`` the ranks still time the same variant together.
     ``before`` runs untimed ahead of every call; on several ranks, a barrier there makes
     each sample start together, so it holds the call's own cost and not a peer's lag.
     """
@@ -40,8 +45,11 @@ def time_interleaved(
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in variants}
+    names, order = list(variants), random.Random(0)
     for _ in range(reps):
-        for name, fn in variants.items():
+        order.shuffle(names)
+        for name in names:
+            fn = variants[name]
             if before is not None:
                 before()
             start = time.perf_counter()

@@ -9,9 +9,10 @@
 //
 // Memory is walked in storage order: (n, c) planes when channels are outer (NC... contiguous),
 // rows of C values when they are innermost (channels_last, channels_last_3d, (N, C)). Other
-// strides are made dense first. Half and bfloat16 values are widened to float32 with ATen's
-// vectorized conversions (the sums a tile at a time, the elementwise passes in registers);
-// all arithmetic runs in float32 (float64 for float64 input), and the sums in float64.
+// strides are made dense first. Half and bfloat16 values are widened to float32 in
+// registers (the row sums widen a tile at a time on the stack, with ATen's vectorized
+// conversions); all arithmetic runs in float32 (float64 for float64 input), and the sums in
+// float64.
 //
 // Thread count: elementwise passes write each output once, so they are exact on any number
 // of threads. Sums are taken in an order fixed by the shape alone: over (n, c) planes each
@@ -158,6 +159,19 @@ const double* checked_sums(const at::Tensor& t, int64_t numel, const char* name)
   return t.const_data_ptr<double>();
 }
 
+#if defined(CPU_CAPABILITY_AVX2)
+// Four values at p as float64, widened in registers.
+inline __m256d load4(const double* p) { return _mm256_loadu_pd(p); }
+inline __m256d load4(const float* p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
+inline __m256d load4(const at::Half* p) {
+  return _mm256_cvtps_pd(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m256d load4(const at::BFloat16* p) {
+  const __m128i bits = _mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_cvtps_pd(_mm_castsi128_ps(_mm_slli_epi32(bits, 16)));
+}
+#endif
+
 // Float64 sums Σa and Σa·(b − m) (Σa² without kCentred) of a run of values, in 16
 // independent lanes, so that the float64 adds do not wait on each other: four AVX2
 // registers per sum where the build has AVX2, plain arrays otherwise. The lanes are added
@@ -173,22 +187,20 @@ struct Lanes {
   inline void add(const V* a, const V* b, double m, int64_t n) {
     int64_t i = 0;
 #if defined(CPU_CAPABILITY_AVX2)
-    if constexpr (std::is_same_v<V, float>) {
-      const __m256d mv = _mm256_set1_pd(m);
-      for (; i + 16 <= n; i += 16) {
-        for (int k = 0; k < 4; ++k) {
-          const __m256d av = _mm256_cvtps_pd(_mm_loadu_ps(a + i + 4 * k));
-          s[k] = _mm256_add_pd(s[k], av);
-          const __m256d bv = kCentred ? _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(b + i + 4 * k)), mv) : av;
-          t[k] = _mm256_fmadd_pd(av, bv, t[k]);
-        }
+    const __m256d mv = _mm256_set1_pd(m);
+    for (; i + 16 <= n; i += 16) {
+      for (int k = 0; k < 4; ++k) {
+        const __m256d av = load4(a + i + 4 * k);
+        s[k] = _mm256_add_pd(s[k], av);
+        const __m256d bv = kCentred ? _mm256_sub_pd(load4(b + i + 4 * k), mv) : av;
+        t[k] = _mm256_fmadd_pd(av, bv, t[k]);
       }
     }
 #endif
-    for (int64_t j = 0; i < n; ++i, j = (j + 1) % 16) {
-      const double ai = a[i];
+    for (int64_t j = 0; i < n; ++i, j = (j + 1) & 15) {
+      const double ai = static_cast<opmath<V>>(a[i]);
       sl[j] += ai;
-      tl[j] += ai * (kCentred ? static_cast<double>(b[i]) - m : ai);
+      tl[j] += ai * (kCentred ? static_cast<opmath<V>>(b[i]) - m : ai);
     }
   }
 
@@ -247,18 +259,12 @@ void reduce_kernel(const Layout& l, const T* a, const T* b, const double* m, dou
     const int64_t per_channel = std::max<int64_t>(1, l.N * l.inner);
     const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / per_channel);
     at::parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
-      acc abuf[kTile], bbuf[kTile];
       for (int64_t c = begin; c < end; ++c) {
         Lanes lanes;
         const double mc = kCentred ? m[c] : 0.0;
         for (int64_t n = 0; n < l.N; ++n) {
           const int64_t base = (n * C + c) * l.inner;
-          for (int64_t i0 = 0; i0 < l.inner; i0 += kTile) {
-            const int64_t len = std::min(kTile, l.inner - i0);
-            const acc* av = widen(a + base + i0, abuf, len);
-            const acc* bv = kCentred ? widen(b + base + i0, bbuf, len) : av;
-            lanes.add<kCentred>(av, bv, mc, len);
-          }
+          lanes.add<kCentred>(a + base, b + base, mc, l.inner);
         }
         double sc, tc;
         lanes.total(sc, tc);

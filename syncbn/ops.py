@@ -89,11 +89,12 @@ def _moments(input):
     return _impl(input).moments(input)
 
 
-# The C++ kernels check the count themselves, where they read it (check_count).
-
-
 def _forward_apply(input, stats, weight, bias, eps, check_finite, group):
-    impl = _impl(input)
+    return _forward_apply_on(_impl(input), input, stats, weight, bias, eps, check_finite)
+
+
+def _forward_apply_on(impl, input, stats, weight, bias, eps, check_finite):
+    # The C++ kernels check the count themselves, where they read it (check_count).
     if impl is reference or check_finite:
         _check_stats(stats, input.shape, check_finite)
     return impl.forward_apply(input, stats, weight, bias, eps)
@@ -193,9 +194,9 @@ class _ForwardApply(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, stats, weight, bias, eps, check_finite, group):
-        output = _forward_apply(input, stats, weight, bias, eps, check_finite, group)
+        ctx.kernels = _impl(input)  # the backward's too
+        output = _forward_apply_on(ctx.kernels, input, stats, weight, bias, eps, check_finite)
         _setup_context(ctx, (input, stats, weight, bias, eps, check_finite, group), output)
-        ctx.kernels = _impl(input)
         return output
 
     @staticmethod

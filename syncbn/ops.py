@@ -40,8 +40,9 @@ from . import kernels, reference
 __all__ = ["moments", "forward_apply", "update_running_stats", "backward_reduce", "backward_apply"]
 
 _lib = torch.library.Library("syncbn", "DEF")
-# Outputs take the input's strides, so Inductor must hand the ops inputs with the strides
-# they were traced with (it may otherwise pick channels_last for a convolution's output).
+# The kernels take any strides and give outputs the strides of empty_like(input), as the
+# fake kernels do, so Inductor may hand them whichever layout it chose for the input: with
+# exact strides it had to copy every convolution's channels_last output back and forth.
 for _schema in [
     "moments(Tensor input) -> Tensor",
     "forward_apply(Tensor input, Tensor stats, Tensor? weight, Tensor? bias, float eps, bool check_finite, "
@@ -52,7 +53,7 @@ for _schema in [
     "backward_apply(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, Tensor stats, "
     "Tensor grad_sums) -> Tensor",
 ]:
-    _lib.define(_schema, tags=(torch.Tag.needs_exact_strides,))
+    _lib.define(_schema, tags=(torch.Tag.flexible_layout,))
 
 _REJECTED = "SyncBatchNorm: another rank of the group rejected its input (see its error)"
 _ONE_VALUE = "expected more than 1 value per channel in the global batch when training (got 1"

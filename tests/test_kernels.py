@@ -28,6 +28,9 @@ LAYOUTS = {
     "nchw 1x1": lambda: torch.randn(3, 5, 1, 1),
     "strided": lambda: torch.randn(4, 6, 5).transpose(1, 2),  # made dense first
     "wide rows": lambda: torch.randn(3, 300),  # rows longer than one tile
+    # Narrow rows are summed many to a tile: whole groups of tiles, and rows left over.
+    "narrow rows": lambda: torch.randn(431, 5),
+    "channels_last, narrow rows": lambda: torch.randn(5, 16, 7, 11).contiguous(memory_format=torch.channels_last),
 }
 
 

@@ -274,19 +274,25 @@ void reduce_kernel(const Layout& l, const T* a, const T* b, const double* m, dou
     });
     return;
   }
-  const int64_t rows = l.rows();
-  const int64_t min_rows = std::max<int64_t>(kRows, 16384 / C);  // at least ~16k values per block
+  // Rows of fewer than 64 values go `group` rows at a time, as one row of W values in which
+  // channel c sits at every c + k·C (as in apply_kernel): short rows cost more in loop
+  // overhead than in memory. The W sums are folded per channel at the end, and the rows
+  // left over (fewer than `group`) are added last.
+  const int64_t group = std::max<int64_t>(1, 64 / C), W = group * C;
+  const int64_t rows = l.rows() / group, left = l.rows() % group;
+  const int64_t min_rows = std::max<int64_t>(kRows, 16384 / W);  // at least ~16k values per block
   const int64_t block = std::max(min_rows, (rows + 63) / 64);
   const int64_t blocks = (rows + block - 1) / block;
-  std::vector<double> partial(blocks * 2 * C, 0.0);
-  std::vector<acc> mf(kCentred ? C : 0);
-  for (int64_t c = 0; c < static_cast<int64_t>(mf.size()); ++c) mf[c] = static_cast<acc>(m[c]);
+  std::vector<double> partial((blocks + 1) * 2 * W, 0.0);  // the last for the rows left over
+  std::vector<double> mw(kCentred ? W : 0);
+  std::vector<acc> mf(kCentred ? W : 0);
+  for (int64_t i = 0; i < static_cast<int64_t>(mw.size()); ++i) mf[i] = static_cast<acc>(mw[i] = m[i % C]);
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     acc abuf[kRows][kTile], bbuf[kTile];
-    std::vector<acc> gs(kCentred ? C : 0), gt(kCentred ? C : 0);
+    std::vector<acc> gs(kCentred ? W : 0), gt(kCentred ? W : 0);
     for (int64_t k = begin; k < end; ++k) {
-      double* ps = partial.data() + k * 2 * C;
-      double* pt = ps + C;
+      double* ps = partial.data() + k * 2 * W;
+      double* pt = ps + W;
       const int64_t stop = std::min(rows, (k + 1) * block);
       for (int64_t r = k * block; r < stop; r += kRows) {
         const int64_t count = std::min(kRows, stop - r);
@@ -302,30 +308,30 @@ void reduce_kernel(const Layout& l, const T* a, const T* b, const double* m, dou
             std::fill(gt.begin(), gt.end(), acc(0));
           }
           for (int64_t j = r; j < r + count; ++j) {
-            for (int64_t c0 = 0; c0 < C; c0 += kTile) {
-              const int64_t len = std::min(kTile, C - c0);
-              const acc *av = widen(a + j * C + c0, abuf[0], len), *bv = widen(b + j * C + c0, bbuf, len);
+            for (int64_t c0 = 0; c0 < W; c0 += kTile) {
+              const int64_t len = std::min(kTile, W - c0);
+              const acc *av = widen(a + j * W + c0, abuf[0], len), *bv = widen(b + j * W + c0, bbuf, len);
               if (whole) {
                 add_centred(av, bv, mf.data() + c0, gs.data() + c0, gt.data() + c0, len);
               } else {
-                add_centred(av, bv, m + c0, ps + c0, pt + c0, len);
+                add_centred(av, bv, mw.data() + c0, ps + c0, pt + c0, len);
               }
             }
           }
           if (whole) {
 #pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
+            for (int64_t c = 0; c < W; ++c) {
               ps[c] += gs[c];
               pt[c] += gt[c];
             }
           }
           continue;
         }
-        if (r + 2 * kRows <= stop) prefetch(a + (r + kRows) * C, kRows * C);  // the next group
-        for (int64_t c0 = 0; c0 < C; c0 += kTile) {
-          const int64_t len = std::min(kTile, C - c0);
+        if (r + 2 * kRows <= stop) prefetch(a + (r + kRows) * W, kRows * W);  // the next group
+        for (int64_t c0 = 0; c0 < W; c0 += kTile) {
+          const int64_t len = std::min(kTile, W - c0);
           const acc* av[kRows];
-          for (int64_t j = 0; j < count; ++j) av[j] = widen(a + (r + j) * C + c0, abuf[j], len);
+          for (int64_t j = 0; j < count; ++j) av[j] = widen(a + (r + j) * W + c0, abuf[j], len);
           if (count == kRows) {
 #pragma omp simd
             for (int64_t i = 0; i < len; ++i) {
@@ -353,12 +359,27 @@ void reduce_kernel(const Layout& l, const T* a, const T* b, const double* m, dou
       }
     }
   });
+  double* ps = partial.data() + blocks * 2 * W;
+  double* pt = ps + W;
+  for (int64_t i = 0, off = rows * W; i < left * C; ++i) {
+    const double ai = static_cast<double>(a[off + i]);
+    ps[i] += ai;
+    if constexpr (kCentred) {
+      pt[i] += ai * (static_cast<double>(b[off + i]) - mw[i]);
+    } else {
+      pt[i] += ai * ai;
+    }
+  }
   std::fill(s, s + C, 0.0);
   std::fill(t, t + C, 0.0);
-  for (int64_t k = 0; k < blocks; ++k) {
-    for (int64_t c = 0; c < C; ++c) {
-      s[c] += partial[k * 2 * C + c];
-      t[c] += partial[k * 2 * C + C + c];
+  for (int64_t k = 0; k <= blocks; ++k) {
+    for (int64_t i = 0; i < W; i += C) {
+      const double *ps = partial.data() + k * 2 * W + i, *pt = ps + W;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        s[c] += ps[c];
+        t[c] += pt[c];
+      }
     }
   }
 }

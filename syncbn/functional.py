@@ -44,7 +44,7 @@ def sync_batch_norm(
     before the running stats move, when the global batch holds NaN or Inf.
     """
     stats = _comm.all_reduce(comm, ops.moments(input.detach()))
-    output, _, _ = ops.forward_apply(input, stats, weight, bias, eps, check_finite, _comm.key(comm))
+    output = ops.forward_apply(input, stats, weight, bias, eps, check_finite, _comm.key(comm))
     if running_mean is not None:
         if num_batches_tracked is None:  # only momentum=None reads it
             num_batches_tracked = torch.zeros((), dtype=torch.long, device=running_mean.device)

@@ -1,27 +1,31 @@
 """syncbn's fused ops, registered with torch.library: schemas, fake kernels and autograd.
 
-A synchronized training step is five ops and two all-reduces, one memory pass per op:
+A synchronized training step is five fused kernels and two all-reduces, one memory pass
+per kernel:
 
 * ``moments(x)``: one read of x, giving this rank's float64 (n, Σx, Σx²) per channel;
   all-reduced into the global ``stats``;
-* ``forward_apply(x, stats, weight, bias, eps, ...)``: the global mean and invstd, and
-  y = (x − mean)·weight·invstd + bias in one read of x and one write of y;
+* ``forward_apply``: the global mean and invstd, and y = (x − mean)·weight·invstd + bias
+  in one read of x and one write of y;
 * ``update_running_stats(...)``: the running averages from ``stats``, in place;
 * ``backward_reduce(dy, x, mean, invstd)``: one read of dy and x, giving float64
   (Σdy, Σdy·(x − mean)), all-reduced, and the local weight and bias gradients;
-* ``backward_apply(...)``: one read of dy and x, one write of dx.
+* ``backward_apply``: one read of dy and x, one write of dx.
 
-``forward_apply`` carries the autograd: its backward is backward_reduce, an all-reduce over
-the group its ``group`` argument names (a `syncbn.comm.key`), and backward_apply, so that
-torch.compile's AOTAutograd puts that all-reduce in the backward graph. The fake kernels
-give torch.compile shapes, dtypes and strides without running anything. On the CPU the ops
-run the C++ kernels (`syncbn.kernels`); on CUDA, or without the kernels, the stock-op
-implementation in `syncbn.reference`.
+`forward_apply` is differentiable: its backward is backward_reduce, an all-reduce over the
+group its ``group`` argument names (a `syncbn.comm.key`), and backward_apply. Eagerly it
+calls the kernels directly (`syncbn.kernels` on the CPU, `syncbn.reference` elsewhere) in
+a plain autograd.Function, because the dispatcher's Python wrappers cost about 0.1 ms per
+call, as much as the whole layer on a small tensor.
 
-The Python functions below are what the layer calls. While torch.compile traces they emit
-the registered ops; in eager mode they call the same kernels directly, with the same
-backward in a plain autograd.Function, because the dispatcher's Python autograd wrapper
-costs about 0.1 ms per call, as much as the whole layer on a small tensor.
+While torch.compile traces, the reductions and the running-stat update are registered
+ops (``syncbn::moments``, ``syncbn::backward_reduce``, ``syncbn::update_running_stats``,
+with fake kernels), and so are the checks and per-channel math of the global stats
+(``syncbn::statistics``). The two elementwise passes are traced as stock ops instead, so
+that Inductor fuses them with their neighbours (a ReLU, a residual add, a pooling) and
+lays them out as it lays out the convolutions around them; an opaque op there cost an
+extra pass each, and a copy wherever the layouts met. AOTAutograd traces the autograd
+Function, so the backward all-reduce lands in the backward graph.
 
 The global count is checked where it is read, identically on every rank, so that every rank
 raises together: a NaN count (a rank rejected its input), a count of 1, and, when asked,
@@ -37,7 +41,7 @@ from torch import Tensor
 from . import comm as _comm
 from . import kernels, reference
 
-__all__ = ["moments", "forward_apply", "update_running_stats", "backward_reduce", "backward_apply"]
+__all__ = ["moments", "forward_apply", "update_running_stats"]
 
 _lib = torch.library.Library("syncbn", "DEF")
 # The kernels take any strides and give outputs the strides of empty_like(input), as the
@@ -45,13 +49,10 @@ _lib = torch.library.Library("syncbn", "DEF")
 # exact strides it had to copy every convolution's channels_last output back and forth.
 for _schema in [
     "moments(Tensor input) -> Tensor",
-    "forward_apply(Tensor input, Tensor stats, Tensor? weight, Tensor? bias, float eps, bool check_finite, "
-    "str group) -> (Tensor, Tensor, Tensor)",
+    "statistics(Tensor stats, float eps, bool check_finite) -> (Tensor, Tensor)",
     "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!) num_batches_tracked, "
     "Tensor stats, float? momentum) -> ()",
     "backward_reduce(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd) -> (Tensor, Tensor, Tensor)",
-    "backward_apply(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, Tensor stats, "
-    "Tensor grad_sums) -> Tensor",
 ]:
     _lib.define(_schema, tags=(torch.Tag.flexible_layout,))
 
@@ -83,22 +84,19 @@ def _check_stats(stats: Tensor, input_shape: list[int] | None, check_finite: boo
         )
 
 
-# The kernels behind each op, for every device.
+# The registered ops' kernels, for every device.
 
 
 def _moments(input):
     return _impl(input).moments(input)
 
 
-def _forward_apply(input, stats, weight, bias, eps, check_finite, group):
-    return _forward_apply_on(_impl(input), input, stats, weight, bias, eps, check_finite)
-
-
-def _forward_apply_on(impl, input, stats, weight, bias, eps, check_finite):
-    # The C++ kernels check the count themselves, where they read it (check_count).
-    if impl is reference or check_finite:
-        _check_stats(stats, input.shape, check_finite)
-    return impl.forward_apply(input, stats, weight, bias, eps)
+def _statistics(stats, eps, check_finite):
+    # The traced step's checks of the global stats, and its float64 mean and invstd.
+    _check_stats(stats, None, check_finite)
+    count = stats[:1].clamp(min=1)
+    mean, square = (stats[1:].view(2, -1) / count).unbind()
+    return mean, torch.rsqrt(torch.addcmul(square, mean, mean, value=-1).clamp_(min=0) + eps)
 
 
 def _update_running_stats(running_mean, running_var, num_batches_tracked, stats, momentum):
@@ -112,16 +110,11 @@ def _backward_reduce(grad_output, input, mean, invstd):
     return _impl(input).backward_reduce(grad_output, input, mean, invstd)
 
 
-def _backward_apply(grad_output, input, mean, invstd, weight, stats, grad_sums):
-    return _impl(input).backward_apply(grad_output, input, mean, invstd, weight, stats, grad_sums)
-
-
 for _name, _kernel in [
     ("moments", _moments),
-    ("forward_apply", _forward_apply),
+    ("statistics", _statistics),
     ("update_running_stats", _update_running_stats),
     ("backward_reduce", _backward_reduce),
-    ("backward_apply", _backward_apply),
 ]:
     _lib.impl(_name, _kernel, "CompositeExplicitAutograd")
 
@@ -134,10 +127,10 @@ def _(input):
     return input.new_empty(2 * input.size(1) + 1, dtype=torch.float64)
 
 
-@torch.library.register_fake("syncbn::forward_apply", lib=_lib)
-def _(input, stats, weight, bias, eps, check_finite, group):
-    channel = input.new_empty(input.size(1), dtype=reference.acc_dtype(input))
-    return torch.empty_like(input), channel, torch.empty_like(channel)
+@torch.library.register_fake("syncbn::statistics", lib=_lib)
+def _(stats, eps, check_finite):
+    channels = (stats.size(0) - 1) // 2
+    return stats.new_empty(channels), stats.new_empty(channels)
 
 
 @torch.library.register_fake("syncbn::update_running_stats", lib=_lib)
@@ -150,59 +143,80 @@ def _(grad_output, input, mean, invstd):
     return input.new_empty(2 * input.size(1), dtype=torch.float64), torch.empty_like(mean), torch.empty_like(mean)
 
 
-@torch.library.register_fake("syncbn::backward_apply", lib=_lib)
-def _(grad_output, input, mean, invstd, weight, stats, grad_sums):
-    return torch.empty_like(input)
+# forward_apply with its backward, eagerly (the fused kernels) and while tracing.
 
 
-# Autograd of forward_apply: registered for tracing, and the same backward eagerly.
-
-
-def _backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-    input, weight, stats, mean, invstd = ctx.saved_tensors
-    # The eager Function chose its kernels in the forward; a traced backward emits the ops.
-    kernels = getattr(ctx, "kernels", torch.ops.syncbn)
-    sums, grad_weight, grad_bias = kernels.backward_reduce(grad_output, input, mean, invstd)
-    grad_input = None
-    if ctx.needs_input_grad[0]:
-        global_sums = _comm.all_reduce(_comm.lookup(ctx.group), sums)
-        grad_input = kernels.backward_apply(grad_output, input, mean, invstd, weight, stats, global_sums)
+def _weight_grads(ctx, weight, grad_weight, grad_bias):
     if weight is not None and weight.dtype != grad_weight.dtype:
         grad_weight, grad_bias = grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
-    grad_weight = grad_weight if ctx.needs_input_grad[2] else None
-    grad_bias = grad_bias if ctx.needs_input_grad[3] else None
-    return grad_input, None, grad_weight, grad_bias, None, None, None
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    input, stats, weight, _, _, _, group = inputs
-    _, mean, invstd = output
-    ctx.save_for_backward(input, weight, stats, mean, invstd)
-    ctx.group = group
-    ctx.mark_non_differentiable(mean, invstd)
-
-
-torch.library.register_autograd(
-    "syncbn::forward_apply",
-    lambda ctx, grad_output, _mean, _invstd: _backward(ctx, grad_output),
-    setup_context=_setup_context,
-    lib=_lib,
-)
+    return (grad_weight if ctx.needs_input_grad[2] else None), (grad_bias if ctx.needs_input_grad[3] else None)
 
 
 class _ForwardApply(torch.autograd.Function):
-    """forward_apply with its registered backward, as a plain autograd.Function (eager)."""
+    """forward_apply and its backward through the fused kernels (eager)."""
 
     @staticmethod
     def forward(ctx, input, stats, weight, bias, eps, check_finite, group):
-        ctx.kernels = _impl(input)  # the backward's too
-        output = _forward_apply_on(ctx.kernels, input, stats, weight, bias, eps, check_finite)
-        _setup_context(ctx, (input, stats, weight, bias, eps, check_finite, group), output)
+        kernels = ctx.kernels = _impl(input)  # the backward's too
+        # The C++ kernels check the count themselves, where they read it (check_count).
+        if kernels is reference or check_finite:
+            _check_stats(stats, input.shape, check_finite)
+        output, mean, invstd = kernels.forward_apply(input, stats, weight, bias, eps)
+        ctx.save_for_backward(input, weight, stats, mean, invstd)
+        ctx.group = group
         return output
 
     @staticmethod
-    def backward(ctx, grad_output, _mean, _invstd):
-        return _backward(ctx, grad_output)
+    def backward(ctx, grad_output):
+        input, weight, stats, mean, invstd = ctx.saved_tensors
+        sums, grad_weight, grad_bias = ctx.kernels.backward_reduce(grad_output, input, mean, invstd)
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            global_sums = _comm.all_reduce(_comm.lookup(ctx.group), sums)
+            grad_input = ctx.kernels.backward_apply(grad_output, input, mean, invstd, weight, stats, global_sums)
+        return grad_input, None, *_weight_grads(ctx, weight, grad_weight, grad_bias), None, None, None
+
+
+class _TracedForwardApply(torch.autograd.Function):
+    """forward_apply and its backward as torch.compile traces them: the C++ kernels' math,
+    per-channel coefficients in float64 included, with the elementwise passes as stock ops
+    (see the module's docstring)."""
+
+    @staticmethod
+    def forward(ctx, input, stats, weight, bias, eps, check_finite, group):
+        acc = reference.acc_dtype(input)
+        mean, invstd = torch.ops.syncbn.statistics(stats, eps, check_finite)
+        scale = invstd if weight is None else invstd * weight.double()
+        output = (input.to(acc) - reference.per_channel(mean.to(acc), input)) * reference.per_channel(
+            scale.to(acc), input
+        )
+        if bias is not None:
+            output = output + reference.per_channel(bias.to(acc), input)
+        mean, invstd = mean.to(acc), invstd.to(acc)
+        ctx.save_for_backward(input, weight, stats, mean, invstd)
+        ctx.group = group
+        return output.to(input.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight, stats, mean, invstd = ctx.saved_tensors
+        sums, grad_weight, grad_bias = torch.ops.syncbn.backward_reduce(grad_output, input, mean, invstd)
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            global_sums = _comm.all_reduce(_comm.lookup(ctx.group), sums)
+            # dx = p·(x − mean) + q·dy + r, as in the C++ backward_apply: q = w·invstd,
+            # p = −q·invstd²·Σdy·(x − mean)/n and r = −q·Σdy/n, in float64.
+            s = invstd.double()
+            q = s if weight is None else s * weight.double()
+            sum_dy, sum_dy_xmu = global_sums.view(2, -1) / stats[:1].clamp(min=1)
+            p, r = -q * s * s * sum_dy_xmu, -q * sum_dy
+            acc = mean.dtype
+            grad_input = (
+                reference.per_channel(p.to(acc), input) * (input.to(acc) - reference.per_channel(mean, input))
+                + reference.per_channel(q.to(acc), input) * grad_output.to(acc)
+                + reference.per_channel(r.to(acc), input)
+            ).to(input.dtype)
+        return grad_input, None, *_weight_grads(ctx, weight, grad_weight, grad_bias), None, None, None
 
 
 # What the layer calls: the registered ops while tracing, the kernels directly otherwise.
@@ -221,14 +235,13 @@ def forward_apply(
     eps: float,
     check_finite: bool,
     group: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The output, mean and invstd of batch norm with the global ``stats``; differentiable.
+) -> Tensor:
+    """Batch norm of ``input`` with the global ``stats``; differentiable.
 
     ``group`` names the communicator of the backward all-reduce (`syncbn.comm.key`).
     """
-    if _comm.tracing():
-        return torch.ops.syncbn.forward_apply(input, stats, weight, bias, eps, check_finite, group)
-    return _ForwardApply.apply(input, stats, weight, bias, eps, check_finite, group)
+    function = _TracedForwardApply if _comm.tracing() else _ForwardApply
+    return function.apply(input, stats, weight, bias, eps, check_finite, group)
 
 
 def update_running_stats(
@@ -238,24 +251,3 @@ def update_running_stats(
     a cumulative average); an empty global batch counts as a batch but moves nothing."""
     op = torch.ops.syncbn.update_running_stats if _comm.tracing() else _update_running_stats
     op(running_mean, running_var, num_batches_tracked, stats, momentum)
-
-
-def backward_reduce(grad_output: Tensor, input: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Local float64 (Σdy, Σdy·(x − mean)) packed as 2C numbers, and the local weight and
-    bias gradients Σdy·(x − mean)·invstd and Σdy."""
-    op = torch.ops.syncbn.backward_reduce if _comm.tracing() else _backward_reduce
-    return op(grad_output, input, mean, invstd)
-
-
-def backward_apply(
-    grad_output: Tensor,
-    input: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    weight: Tensor | None,
-    stats: Tensor,
-    grad_sums: Tensor,
-) -> Tensor:
-    """dx of the global batch, from the global ``grad_sums`` and the count in ``stats[0]``."""
-    op = torch.ops.syncbn.backward_apply if _comm.tracing() else _backward_apply
-    return op(grad_output, input, mean, invstd, weight, stats, grad_sums)

@@ -14,7 +14,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["acc_dtype", "moments", "forward_apply", "update_running_stats", "backward_reduce", "backward_apply"]
+__all__ = [
+    "acc_dtype",
+    "per_channel",
+    "moments",
+    "forward_apply",
+    "update_running_stats",
+    "backward_reduce",
+    "backward_apply",
+]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -24,7 +32,7 @@ def acc_dtype(input: torch.Tensor) -> torch.dtype:
     return torch.float64 if input.dtype == torch.float64 else torch.float32
 
 
-def _per_channel(t: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+def per_channel(t: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
     """A (C,) tensor shaped to broadcast over ``input``."""
     return t.view((1, -1) + (1,) * (input.dim() - 2))
 
@@ -128,4 +136,4 @@ def backward_apply(grad_output, input, mean, invstd, weight, stats, grad_sums):
     alpha = -scale * invstd * invstd * sum_dy_xmu / count
     shift = -scale * sum_dy / count
     grad_input = _affine(input, alpha, torch.addcmul(shift, mean, alpha, value=-1))
-    return grad_input.addcmul_(grad_output, _per_channel(scale, input))
+    return grad_input.addcmul_(grad_output, per_channel(scale, input))

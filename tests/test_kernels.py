@@ -129,21 +129,19 @@ def test_update_running_stats_equals_the_oracle():
 
 def _opcheck_cases():
     x = torch.randn(4, 3, 5, 2, requires_grad=True)
-    weight, bias = torch.rand(3, requires_grad=True), torch.randn(3, requires_grad=True)
     stats = ops.moments(x.detach())
-    _, mean, invstd = ops.forward_apply(x.detach(), stats, None, None, 1e-5, False, "local")
-    dy = torch.randn(4, 3, 5, 2)
-    sums, _, _ = ops.backward_reduce(dy, x.detach(), mean, invstd)
-    buffers = (torch.zeros(3), torch.ones(3), torch.tensor(0))
     op = torch.ops.syncbn
+    mean, invstd = (t.float() for t in op.statistics(stats, 1e-5, False))
+    dy = torch.randn(4, 3, 5, 2)
+    buffers = (torch.zeros(3), torch.ones(3), torch.tensor(0))
     return [
         (op.moments.default, (x.detach(),)),
         (op.moments.default, (x.detach().contiguous(memory_format=torch.channels_last),)),
-        (op.forward_apply.default, (x, stats, weight, bias, 1e-5, False, "local")),
-        (op.forward_apply.default, (x, stats, None, None, 1e-5, True, "local")),
+        (op.statistics.default, (stats, 1e-5, False)),
+        (op.statistics.default, (stats, 1e-5, True)),
         (op.update_running_stats.default, (*buffers, stats, 0.1)),
         (op.backward_reduce.default, (dy, x.detach(), mean, invstd)),
-        (op.backward_apply.default, (dy, x.detach(), mean, invstd, weight.detach(), stats, sums)),
+        (op.backward_reduce.default, (dy.contiguous(memory_format=torch.channels_last), x.detach(), mean, invstd)),
     ]
 
 

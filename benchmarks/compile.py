@@ -1,7 +1,9 @@
 """torch.compile(model, fullgraph=True) against eager: one training step, W=2 Gloo ranks.
 
 Two models with SyncBatchNorm layers: the demo's CNN (launch/train.py, 8×8 digits, 32 per
-rank) and a ResNet-18 at 32×32 (CIFAR-style stem, 8 per rank), one thread per rank. Per
+rank) and a ResNet-18 at 32×32 (CIFAR-style stem, 8 per rank), one thread per rank; and
+each with torch's own BatchNorm, not synchronized, as the yardstick of what torch.compile
+gains on that network here. Per
 model the first compiled step is timed on its own (compile time, forward and backward
 graphs), then eager and compiled steps are interleaved, each started together on both
 ranks (a barrier, untimed). A step is forward, cross-entropy, backward and SGD; the
@@ -57,9 +59,13 @@ def resnet18(classes: int = 10) -> nn.Module:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, classes))
 
 
+# Each model with SyncBatchNorm, and with torch's own BatchNorm (not synchronized): what
+# torch.compile does for the same network without syncbn, measured in the same run.
 MODELS = {
     "demo CNN": (lambda group: make_model("syncbn", group), (32, 1, 8, 8)),
+    "demo CNN, nn.BatchNorm": (lambda group: make_model("bn", group), (32, 1, 8, 8)),
     "ResNet-18 32×32": (lambda group: syncbn.convert_sync_batchnorm(resnet18(), group), (8, 3, 32, 32)),
+    "ResNet-18 32×32, nn.BatchNorm": (lambda group: resnet18(), (8, 3, 32, 32)),
 }
 
 

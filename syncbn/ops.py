@@ -1,4 +1,4 @@
-"""syncbn's fused ops, registered with torch.library: schemas, fake kernels and autograd.
+"""syncbn's fused ops: the layer's differentiable step, and the ops torch.compile traces.
 
 A synchronized training step is five fused kernels and two all-reduces, one memory pass
 per kernel:

@@ -147,7 +147,7 @@ def _opcheck_cases():
 
 @pytest.mark.parametrize("case", range(7))
 def test_opcheck(case, kernel_path):
-    """Schema, fake kernel, autograd registration and dispatch, as torch.compile relies on them."""
+    """Schema, fake kernel and dispatch of the registered ops, as torch.compile relies on them."""
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)
 

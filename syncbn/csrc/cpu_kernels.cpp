@@ -18,8 +18,9 @@
 // of threads. Sums are taken in an order fixed by the shape alone: over (n, c) planes each
 // channel belongs to one task that adds its planes in order, in 16 lanes added up at the
 // end; over rows, the rows are cut into at most 64 blocks whose size depends only on the
-// shape, each block is summed in row order into its own partial sums, and the partials are
-// added in block order. The result is bit-identical on 1 or 64 threads.
+// shape (rows of fewer than 64 values taken several at a time), each block is summed in row
+// order into its own partial sums, and the partials are added in block order. The result is
+// bit-identical on 1 or 64 threads.
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -374,11 +375,11 @@ void reduce_kernel(const Layout& l, const T* a, const T* b, const double* m, dou
   std::fill(t, t + C, 0.0);
   for (int64_t k = 0; k <= blocks; ++k) {
     for (int64_t i = 0; i < W; i += C) {
-      const double *ps = partial.data() + k * 2 * W + i, *pt = ps + W;
+      const double *fs = partial.data() + k * 2 * W + i, *ft = fs + W;
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
-        s[c] += ps[c];
-        t[c] += pt[c];
+        s[c] += fs[c];
+        t[c] += ft[c];
       }
     }
   }

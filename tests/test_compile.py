@@ -175,3 +175,31 @@ def _collectives_in_graphs(rank, world, path):
     if rank == 0:
         with open(path, "w") as file:
             json.dump(counts, file)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_compiled_equals_eager_without_affine(dtype):
+    """The traced step's other branches: no weight or bias, and half precision applied in
+    float32; a world of 2 through a Communicator of one's own."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    group = _Twice()
+    eager = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        syncbn.SyncBatchNorm(4, affine=False, process_group=group),
+        nn.Flatten(),
+        nn.Linear(4 * 25, 3),
+        syncbn.SyncBatchNorm(3, affine=False, process_group=group),
+    ).to(dtype)
+    twin = copy.deepcopy(eager)
+    compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
+    x = (torch.randn(6, 3, 7, 7) * 2 + 1).to(dtype)
+    results = []
+    for model in (eager, compiled):
+        xi = x.clone().requires_grad_()
+        y = model(xi)
+        (y.float() * torch.arange(3.0)).sum().backward()
+        results.append((y.detach(), xi.grad, *(p.grad for p in model.parameters())))
+    tol = {torch.float64: dict(atol=1e-9, rtol=1e-9), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}[dtype]
+    assert_close(results[1], results[0], **tol)
+    assert_close(twin.state_dict(), eager.state_dict(), **tol)

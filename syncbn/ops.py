@@ -94,9 +94,8 @@ def _moments(input):
 def _statistics(stats, eps, check_finite):
     # The traced step's checks of the global stats, and its float64 mean and invstd.
     _check_stats(stats, None, check_finite)
-    count = stats[:1].clamp(min=1)
-    mean, square = (stats[1:].view(2, -1) / count).unbind()
-    return mean, torch.rsqrt(torch.addcmul(square, mean, mean, value=-1).clamp_(min=0) + eps)
+    _, mean, var = reference.mean_var(stats)
+    return mean, torch.rsqrt(var + eps)
 
 
 def _update_running_stats(running_mean, running_var, num_batches_tracked, stats, momentum):

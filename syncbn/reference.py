@@ -17,6 +17,7 @@ import torch
 __all__ = [
     "acc_dtype",
     "per_channel",
+    "mean_var",
     "moments",
     "forward_apply",
     "update_running_stats",
@@ -50,7 +51,7 @@ def _affine(input: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> tor
     return torch.batch_norm(input, alpha, beta, zero, one, False, 0.0, 0.0, False)
 
 
-def _mean_var(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def mean_var(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Count, mean and biased variance (clamped at 0) from float64 (n, Σx, Σx²)."""
     count = stats[:1]
     mean, square = (stats[1:].view(2, -1) / count.clamp(min=1)).unbind()
@@ -74,7 +75,7 @@ def moments(input: torch.Tensor) -> torch.Tensor:
 
 
 def forward_apply(input, stats, weight, bias, eps):
-    _, mean, var = _mean_var(stats)
+    _, mean, var = mean_var(stats)
     acc = acc_dtype(input)
     invstd = torch.rsqrt(var + eps).to(acc)
     mean = mean.to(acc)
@@ -89,7 +90,7 @@ def update_running_stats(running_mean, running_var, num_batches_tracked, stats, 
     # Branch-free, so that a CUDA step never waits for the count: an empty global batch
     # counts as a batch but moves the averages by a factor of 0.
     num_batches_tracked.add_(1)
-    count, mean, var = _mean_var(stats)
+    count, mean, var = mean_var(stats)
     unbiased = var * (count / (count - 1).clamp(min=1))
     factor = num_batches_tracked.reciprocal().double() if momentum is None else count.new_full((1,), momentum)
     factor = factor * (count > 0)

@@ -5,7 +5,7 @@ group in one all-reduce; float64 keeps E[x²]−E[x]² exact to about 1e-16·(me
 relative, far below float32 rounding for any data float32 can hold. Then one pass
 normalizes with the global mean and variance, and the running stats move in place.
 
-Backward (the autograd of `ops.forward_apply`): one all-reduce of the 2C numbers
+Backward (the autograd of `ops.batch_norm`): one all-reduce of the 2C numbers
 (Σdy, Σdy·(x − mean)), then dx = w·invstd·(dy − Σdy/n − (x − mean)·invstd²·Σdy·(x − mean)/n),
 the exact gradient of the global-batch computation. Weight and bias gradients stay local:
 DDP averages them.
@@ -43,13 +43,11 @@ def sync_batch_norm(
     unbiased variance, identically on every rank. ``check_finite`` raises on every rank,
     before the running stats move, when the global batch holds NaN or Inf.
     """
-    stats = _comm.all_reduce(comm, ops.moments(input.detach()))
-    output = ops.forward_apply(input, stats, weight, bias, eps, check_finite, _comm.key(comm))
-    if running_mean is not None:
-        if num_batches_tracked is None:  # only momentum=None reads it
-            num_batches_tracked = torch.zeros((), dtype=torch.long, device=running_mean.device)
-        ops.update_running_stats(running_mean, running_var, num_batches_tracked, stats, momentum)
-    return output
+    if running_mean is not None and num_batches_tracked is None:  # only momentum=None reads it
+        num_batches_tracked = torch.zeros((), dtype=torch.long, device=running_mean.device)
+    return ops.batch_norm(
+        input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, comm, check_finite
+    )
 
 
 def reject_collectively(comm: Communicator, num_features: int, device: torch.device, error: Exception) -> None:

@@ -12,11 +12,11 @@ per kernel:
   (Σdy, Σdy·(x − mean)), all-reduced, and the local weight and bias gradients;
 * ``backward_apply``: one read of dy and x, one write of dx.
 
-`forward_apply` is differentiable: its backward is backward_reduce, an all-reduce over the
-group its ``group`` argument names (a `syncbn.comm.key`), and backward_apply. Eagerly it
-calls the kernels directly (`syncbn.kernels` on the CPU, `syncbn.reference` elsewhere) in
-a plain autograd.Function, because the dispatcher's Python wrappers cost about 0.1 ms per
-call, as much as the whole layer on a small tensor.
+`batch_norm` is the step, forward and backward. Eagerly it is one autograd.Function that
+calls the kernels directly (`syncbn.kernels` on the CPU, `syncbn.reference` elsewhere) and
+the two all-reduces: the dispatcher's Python wrappers cost about 0.1 ms per call, and a
+Python wrapper or autograd node per op cost as much as the kernels themselves on a
+(256, 1024) tensor.
 
 While torch.compile traces, the reductions and the running-stat update are registered
 ops (``syncbn::moments``, ``syncbn::backward_reduce``, ``syncbn::update_running_stats``,
@@ -25,7 +25,8 @@ with fake kernels), and so are the checks and per-channel math of the global sta
 that Inductor fuses them with their neighbours (a ReLU, a residual add, a pooling) and
 lays them out as it lays out the convolutions around them; an opaque op there cost an
 extra pass each, and a copy wherever the layouts met. AOTAutograd traces the autograd
-Function, so the backward all-reduce lands in the backward graph.
+Function of forward_apply, whose backward finds its communicator by name (`syncbn.comm.key`),
+so the backward all-reduce lands in the backward graph.
 
 The global count is checked where it is read, identically on every rank, so that every rank
 raises together: a NaN count (a rank rejected its input), a count of 1, and, when asked,
@@ -41,7 +42,7 @@ from torch import Tensor
 from . import comm as _comm
 from . import kernels, reference
 
-__all__ = ["moments", "forward_apply", "update_running_stats"]
+__all__ = ["batch_norm"]
 
 _lib = torch.library.Library("syncbn", "DEF")
 # The kernels take any strides and give outputs the strides of empty_like(input), as the
@@ -142,27 +143,33 @@ def _(grad_output, input, mean, invstd):
     return input.new_empty(2 * input.size(1), dtype=torch.float64), torch.empty_like(mean), torch.empty_like(mean)
 
 
-# forward_apply with its backward, eagerly (the fused kernels) and while tracing.
+# The synchronized step with its backward, eagerly (the fused kernels) and while tracing.
 
 
 def _weight_grads(ctx, weight, grad_weight, grad_bias):
+    # Both Functions take (input, weight, bias, ...).
     if weight is not None and weight.dtype != grad_weight.dtype:
         grad_weight, grad_bias = grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
-    return (grad_weight if ctx.needs_input_grad[2] else None), (grad_bias if ctx.needs_input_grad[3] else None)
+    return (grad_weight if ctx.needs_input_grad[1] else None), (grad_bias if ctx.needs_input_grad[2] else None)
 
 
-class _ForwardApply(torch.autograd.Function):
-    """forward_apply and its backward through the fused kernels (eager)."""
+class _Step(torch.autograd.Function):
+    """The whole step eagerly, in one Function: the kernels and both all-reduces."""
 
     @staticmethod
-    def forward(ctx, input, stats, weight, bias, eps, check_finite, group):
+    def forward(
+        ctx, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, comm, check_finite
+    ):
         kernels = ctx.kernels = _impl(input)  # the backward's too
+        stats = _comm.all_reduce(comm, kernels.moments(input))
         # The C++ kernels check the count themselves, where they read it (check_count).
         if kernels is reference or check_finite:
             _check_stats(stats, input.shape, check_finite)
         output, mean, invstd = kernels.forward_apply(input, stats, weight, bias, eps)
+        if running_mean is not None:
+            kernels.update_running_stats(running_mean, running_var, num_batches_tracked, stats, momentum)
         ctx.save_for_backward(input, weight, stats, mean, invstd)
-        ctx.group = group
+        ctx.comm = comm
         return output
 
     @staticmethod
@@ -171,9 +178,9 @@ class _ForwardApply(torch.autograd.Function):
         sums, grad_weight, grad_bias = ctx.kernels.backward_reduce(grad_output, input, mean, invstd)
         grad_input = None
         if ctx.needs_input_grad[0]:
-            global_sums = _comm.all_reduce(_comm.lookup(ctx.group), sums)
+            global_sums = _comm.all_reduce(ctx.comm, sums)
             grad_input = ctx.kernels.backward_apply(grad_output, input, mean, invstd, weight, stats, global_sums)
-        return grad_input, None, *_weight_grads(ctx, weight, grad_weight, grad_bias), None, None, None
+        return grad_input, *_weight_grads(ctx, weight, grad_weight, grad_bias), *[None] * 7
 
 
 class _TracedForwardApply(torch.autograd.Function):
@@ -182,7 +189,7 @@ class _TracedForwardApply(torch.autograd.Function):
     (see the module's docstring)."""
 
     @staticmethod
-    def forward(ctx, input, stats, weight, bias, eps, check_finite, group):
+    def forward(ctx, input, weight, bias, stats, eps, check_finite, group):
         acc = reference.acc_dtype(input)
         mean, invstd = torch.ops.syncbn.statistics(stats, eps, check_finite)
         scale = invstd if weight is None else invstd * weight.double()
@@ -215,38 +222,32 @@ class _TracedForwardApply(torch.autograd.Function):
                 + reference.per_channel(q.to(acc), input) * grad_output.to(acc)
                 + reference.per_channel(r.to(acc), input)
             ).to(input.dtype)
-        return grad_input, None, *_weight_grads(ctx, weight, grad_weight, grad_bias), None, None, None
+        return grad_input, *_weight_grads(ctx, weight, grad_weight, grad_bias), *[None] * 4
 
 
-# What the layer calls: the registered ops while tracing, the kernels directly otherwise.
-
-
-def moments(input: Tensor) -> Tensor:
-    """This rank's (n, Σx, Σx²) per channel, packed as 2C+1 float64 numbers."""
-    return torch.ops.syncbn.moments(input) if _comm.tracing() else _moments(input)
-
-
-def forward_apply(
+def batch_norm(
     input: Tensor,
-    stats: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
     eps: float,
+    comm: _comm.Communicator,
     check_finite: bool,
-    group: str,
 ) -> Tensor:
-    """Batch norm of ``input`` with the global ``stats``; differentiable.
+    """The synchronized training step over ``comm``; differentiable (see `syncbn.functional`).
 
-    ``group`` names the communicator of the backward all-reduce (`syncbn.comm.key`).
+    Running stats move in place when ``running_mean`` is given (with ``running_var`` and
+    ``num_batches_tracked``).
     """
-    function = _TracedForwardApply if _comm.tracing() else _ForwardApply
-    return function.apply(input, stats, weight, bias, eps, check_finite, group)
-
-
-def update_running_stats(
-    running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor, stats: Tensor, momentum: float | None
-) -> None:
-    """Move the running averages by the global mean and unbiased variance (momentum=None:
-    a cumulative average); an empty global batch counts as a batch but moves nothing."""
-    op = torch.ops.syncbn.update_running_stats if _comm.tracing() else _update_running_stats
-    op(running_mean, running_var, num_batches_tracked, stats, momentum)
+    if not _comm.tracing():
+        return _Step.apply(
+            input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, comm, check_finite
+        )
+    stats = _comm.all_reduce(comm, torch.ops.syncbn.moments(input.detach()))
+    output = _TracedForwardApply.apply(input, weight, bias, stats, eps, check_finite, _comm.key(comm))
+    if running_mean is not None:
+        torch.ops.syncbn.update_running_stats(running_mean, running_var, num_batches_tracked, stats, momentum)
+    return output

@@ -99,13 +99,13 @@ def test_moments_exact_in_float64_far_from_zero(layout):
     wide = x.double()
     dims = [0, *range(2, x.dim())]
     expected = torch.cat([wide.new_tensor([x.numel() / x.size(1)]), wide.sum(dims), (wide * wide).sum(dims)])
-    torch.testing.assert_close(ops.moments(x), expected, rtol=1e-14, atol=0)
+    torch.testing.assert_close(torch.ops.syncbn.moments(x), expected, rtol=1e-14, atol=0)
 
 
 def test_empty_input():
     _requires_kernels()
     x = torch.randn(0, 3, 4)
-    stats = ops.moments(x)
+    stats = torch.ops.syncbn.moments(x)
     assert torch.equal(stats, torch.zeros(7, dtype=torch.float64))
     sums, grad_weight, grad_bias = torch.ops.syncbn_cpu.backward_reduce(x, x, torch.zeros(3), torch.ones(3))
     assert not sums.any() and not grad_weight.any() and not grad_bias.any()
@@ -129,7 +129,7 @@ def test_update_running_stats_equals_the_oracle():
 
 def _opcheck_cases():
     x = torch.randn(4, 3, 5, 2, requires_grad=True)
-    stats = ops.moments(x.detach())
+    stats = torch.ops.syncbn.moments(x.detach())
     op = torch.ops.syncbn
     mean, invstd = (t.float() for t in op.statistics(stats, 1e-5, False))
     dy = torch.randn(4, 3, 5, 2)

@@ -26,6 +26,8 @@ LAYOUTS = {
     "channels_last": lambda: torch.randn(2, 5, 4, 6).contiguous(memory_format=torch.channels_last),
     "channels_last_3d": lambda: torch.randn(2, 5, 3, 4, 6).contiguous(memory_format=torch.channels_last_3d),
     "nchw 1x1": lambda: torch.randn(3, 5, 1, 1),
+    # Planes of 300 values: the backward's float32 runs of 128 values, a short run and a tail.
+    "nchw, long planes": lambda: torch.randn(2, 3, 20, 15),
     "strided": lambda: torch.randn(4, 6, 5).transpose(1, 2),  # made dense first
     "wide rows": lambda: torch.randn(3, 300),  # rows longer than one tile
     # Narrow rows are summed many to a tile: whole groups of tiles, and rows left over.

@@ -205,6 +205,43 @@ struct Lanes {
     }
   }
 
+  // Σa and Σa·(b − m) for float32 and half inputs, whose products float32 holds to one
+  // rounding: each lane adds eight values in float32 before they reach the float64 lanes,
+  // the order of the row sums' groups of eight rows. Half the widening and a quarter of
+  // the float64 adds of `add`, which bound the half-precision backward.
+  template <typename V>
+  inline void add_centred_in_float(const V* a, const V* b, float m, int64_t n) {
+    using FVec = at::vec::Vectorized<float>;
+    constexpr int64_t kStep = 2 * FVec::size(), kRun = 8 * kStep;
+    static_assert(kStep == 16, "one float64 lane per float32 value of a step");
+    const auto load = [](const V* p) {
+      if constexpr (std::is_same_v<V, float>) {
+        return std::make_tuple(FVec::loadu(p), FVec::loadu(p + FVec::size()));
+      } else {
+        return at::vec::convert_to_float<V>(at::vec::Vectorized<V>::loadu(p));
+      }
+    };
+    const FVec mv(m);
+    int64_t i = 0;
+    for (; i + kStep <= n;) {
+      FVec s0(0.f), s1(0.f), t0(0.f), t1(0.f);
+      for (const int64_t stop = std::min(n - kStep, i + kRun - kStep); i <= stop; i += kStep) {
+        const auto [a0, a1] = load(a + i);
+        const auto [b0, b1] = load(b + i);
+        s0 += a0, s1 += a1;
+        t0 = at::vec::fmadd(a0, b0 - mv, t0), t1 = at::vec::fmadd(a1, b1 - mv, t1);
+      }
+      float fs[kStep], ft[kStep];
+      s0.store(fs), s1.store(fs + FVec::size()), t0.store(ft), t1.store(ft + FVec::size());
+#pragma omp simd
+      for (int64_t j = 0; j < kStep; ++j) {
+        sl[j] += fs[j];
+        tl[j] += ft[j];
+      }
+    }
+    add<true>(a + i, b + i, m, n - i);
+  }
+
   void total(double& s_out, double& t_out) {
 #if defined(CPU_CAPABILITY_AVX2)
     for (int k = 0; k < 4; ++k) {
@@ -246,7 +283,8 @@ inline void add_centred(const V* a, const V* b, const U* m, U* s, U* t, int64_t 
 // Without kCentred, b is a itself and m is 0: t[c] = Σ a² (the moments).
 //
 // Float64 adds, not memory, bound these loops: over (n, c) planes each channel keeps 16
-// independent lanes (`Lanes`); over rows, groups of eight rows are added up before they
+// independent lanes (`Lanes`), to which the backward's sums come eight float32 values per
+// lane at a time (`add_centred_in_float`); over rows, groups of eight rows are added up before they
 // touch the per-channel float64 sums. Both orders are fixed by the shape alone. The moments
 // read a group's rows side by side, in registers, which leaves the hardware prefetcher
 // behind once the tensor is out of cache (twice as slow as the same sums over planes), so
@@ -265,12 +303,13 @@ void reduce_kernel(const Layout& l, const T* a, const T* b, const double* m, dou
         const double mc = kCentred ? m[c] : 0.0;
         for (int64_t n = 0; n < l.N; ++n) {
           const int64_t base = (n * C + c) * l.inner;
-          lanes.add<kCentred>(a + base, b + base, mc, l.inner);
+          if constexpr (kCentred && std::is_same_v<acc, float>) {
+            lanes.add_centred_in_float(a + base, b + base, static_cast<float>(mc), l.inner);
+          } else {
+            lanes.add<kCentred>(a + base, b + base, mc, l.inner);
+          }
         }
-        double sc, tc;
-        lanes.total(sc, tc);
-        s[c] = sc;
-        t[c] = tc;
+        lanes.total(s[c], t[c]);
       }
     });
     return;

@@ -125,6 +125,21 @@ def test_a_communicator_of_ones_own_compiles_through_the_custom_op():
     compiled_equals_eager(0, 1, "float64", "aot_eager", group=_Twice())
 
 
+def test_check_finite_raises_before_running_stats_move_when_compiled():
+    """With Inductor free to reorder the graph, the finite check still comes before the
+    running-stat update: the update reads the stats the check passed on."""
+    torch._dynamo.reset()
+    layer = syncbn.SyncBatchNorm(3, process_group=_Twice(), check_finite=True)
+    compiled = torch.compile(layer, fullgraph=True)
+    compiled(torch.randn(4, 3, 5))
+    before = layer.running_mean.clone(), layer.running_var.clone()
+    x = torch.randn(4, 3, 5)
+    x[1, 2, 3] = float("nan")
+    with pytest.raises(FloatingPointError, match="channels \\[2\\]"):
+        compiled(x)
+    assert torch.equal(layer.running_mean, before[0]) and torch.equal(layer.running_var, before[1])
+
+
 @pytest.mark.distributed
 def test_no_graph_breaks_over_gloo(tmp_path):
     run_distributed(no_graph_breaks, 2, tmp_path, timeout=240)

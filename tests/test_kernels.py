@@ -129,18 +129,35 @@ def test_update_running_stats_equals_the_oracle():
     assert torch.equal(mean, before[0]) and torch.equal(var, before[1]) and tracked.item() == 3
 
 
+def test_statistics_equal_the_oracle():
+    """syncbn::statistics on the CPU is the C++ kernel: the stock ops' mean and invstd, and
+    their count errors."""
+    _requires_kernels()
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("syncbn::statistics", "CPU")
+    stats = reference.moments(torch.randn(8, 3, 5) * 2 + 1)
+    torch.testing.assert_close(
+        torch.ops.syncbn.statistics(stats, 1e-5), ops._statistics(stats, 1e-5), rtol=1e-15, atol=0
+    )
+    for count, error, message in [(1.0, ValueError, "got 1\\)"), (float("nan"), RuntimeError, "another rank")]:
+        bad = stats.clone()
+        bad[0] = count
+        for statistics in (torch.ops.syncbn.statistics, ops._statistics):
+            with pytest.raises(error, match=message):
+                statistics(bad, 1e-5)
+
+
 def _opcheck_cases():
     x = torch.randn(4, 3, 5, 2, requires_grad=True)
     stats = torch.ops.syncbn.moments(x.detach())
     op = torch.ops.syncbn
-    mean, invstd = (t.float() for t in op.statistics(stats, 1e-5, False))
+    mean, invstd = (t.float() for t in op.statistics(stats, 1e-5))
     dy = torch.randn(4, 3, 5, 2)
     buffers = (torch.zeros(3), torch.ones(3), torch.tensor(0))
     return [
         (op.moments.default, (x.detach(),)),
         (op.moments.default, (x.detach().contiguous(memory_format=torch.channels_last),)),
-        (op.statistics.default, (stats, 1e-5, False)),
-        (op.statistics.default, (stats, 1e-5, True)),
+        (op.check_finite.default, (stats,)),
+        (op.statistics.default, (stats, 1e-5)),
         (op.update_running_stats.default, (*buffers, stats, 0.1)),
         (op.backward_reduce.default, (dy, x.detach(), mean, invstd)),
         (op.backward_reduce.default, (dy.contiguous(memory_format=torch.channels_last), x.detach(), mean, invstd)),
@@ -148,10 +165,30 @@ def _opcheck_cases():
 
 
 @pytest.mark.parametrize("case", range(7))
-def test_opcheck(case, kernel_path):
-    """Schema, fake kernel and dispatch of the registered ops, as torch.compile relies on them."""
+def test_opcheck(case):
+    """Schema, fake kernel and dispatch of the registered ops, as torch.compile relies on them:
+    on the CPU, the C++ kernels once the extension is loaded, else the Python ones."""
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)
+
+
+@pytest.mark.timeout(600)
+def test_registered_ops_on_stock_ops_alone():
+    """The registered ops' Python kernels (stock ops), which serve CUDA and machines without
+    the extension: opcheck and a compiled step in a process where the extension never loads
+    (in this one its C++ kernels back the ops on the CPU)."""
+    tests = Path(__file__).parent
+    selected = [
+        f"{tests}/test_kernels.py::test_opcheck",
+        f"{tests}/test_compile.py::test_compiled_equals_eager_in_one_process",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", *selected],
+        env={**os.environ, "SYNCBN_CPU_KERNELS": "0"},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0 and "8 passed" in result.stdout, result.stdout + result.stderr
 
 
 def test_results_do_not_depend_on_the_thread_count():

@@ -1,9 +1,11 @@
 // The CPU kernels of syncbn's fused ops, one memory pass each. The op contracts, their fake
-// kernels and their autograd live in syncbn/ops.py; these are called from there.
+// kernels and their autograd live in syncbn/ops.py; these are called from there, and from
+// compiled graphs through the syncbn:: ops.
 //
 //   moments(x)                               read x        -> float64 (n, Σx, Σx²)
 //   forward_apply(x, stats, w, b, eps)       read x, write y = (x − mean)·w·invstd + b
 //   update_running_stats(rm, rv, nbt, ...)   per channel only
+//   statistics(stats, eps)                   per channel only: float64 mean and invstd
 //   backward_reduce(dy, x, mean, invstd)     read dy and x -> float64 (Σdy, Σdy·(x − mean))
 //   backward_apply(dy, x, ..., grad_sums)    read dy and x, write dx
 //
@@ -591,6 +593,19 @@ void update_running_stats(const at::Tensor& running_mean, const at::Tensor& runn
   write_channels(running_var, var);
 }
 
+// The global stats' count checks and float64 mean and invstd, for the traced step, whose
+// elementwise passes are stock ops (syncbn::statistics).
+std::tuple<at::Tensor, at::Tensor> statistics(const at::Tensor& stats, double eps) {
+  const int64_t C = (stats.numel() - 1) / 2;
+  const double* sums = checked_sums(stats, 2 * C + 1, "stats");
+  check_count(sums[0], nullptr);
+  const auto [mean, var] = mean_var(sums, C);
+  std::vector<double> invstd(C);
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) invstd[c] = 1.0 / std::sqrt(var[c] + eps);
+  return {channel_tensor(mean, at::kDouble), channel_tensor(invstd, at::kDouble)};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_output,
                                                                const at::Tensor& input, const at::Tensor& mean,
                                                                const at::Tensor& invstd) {
@@ -628,11 +643,20 @@ at::Tensor backward_apply(const at::Tensor& grad_output, const at::Tensor& input
 
 }  // namespace
 
-// Schemas are inferred from the signatures; syncbn/ops.py declares the public syncbn:: ops.
+// The eager step's kernels, called from syncbn/ops.py; schemas inferred from the signatures.
 TORCH_LIBRARY(syncbn_cpu, m) {
   m.def("moments", &moments);
   m.def("forward_apply", &forward_apply);
   m.def("update_running_stats", &update_running_stats);
   m.def("backward_reduce", &backward_reduce);
   m.def("backward_apply", &backward_apply);
+}
+
+// The public syncbn:: ops' CPU kernels (syncbn/ops.py defines the ops and imports first), so
+// that a compiled graph calls them without a Python kernel in between.
+TORCH_LIBRARY_IMPL(syncbn, CPU, m) {
+  m.impl("moments", &moments);
+  m.impl("statistics", &statistics);
+  m.impl("update_running_stats", &update_running_stats);
+  m.impl("backward_reduce", &backward_reduce);
 }

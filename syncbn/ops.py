@@ -89,7 +89,8 @@ def _check_stats(stats: Tensor, input_shape: list[int] | None, check_finite: boo
         )
 
 
-# The registered ops' kernels, for every device.
+# The registered ops' Python kernels: every device but the CPU once the extension is loaded,
+# which registers its C++ kernels for the CPU key (check_finite has only this one).
 
 
 def _moments(input):

@@ -14,7 +14,7 @@
 // strides are made dense first. Half and bfloat16 values are widened to float32 in
 // registers (the row sums widen a tile at a time on the stack, with ATen's vectorized
 // conversions); all arithmetic runs in float32 (float64 for float64 input), and the sums in
-// float64.
+// float64, the backward's products eight at a time in float32 first.
 //
 // Thread count: elementwise passes write each output once, so they are exact on any number
 // of threads. Sums are taken in an order fixed by the shape alone: over (n, c) planes each
@@ -285,9 +285,9 @@ inline void add_centred(const V* a, const V* b, const U* m, U* s, U* t, int64_t 
 // Without kCentred, b is a itself and m is 0: t[c] = Σ a² (the moments).
 //
 // Float64 adds, not memory, bound these loops: over (n, c) planes each channel keeps 16
-// independent lanes (`Lanes`), to which the backward's sums come eight float32 values per
-// lane at a time (`add_centred_in_float`); over rows, groups of eight rows are added up before they
-// touch the per-channel float64 sums. Both orders are fixed by the shape alone. The moments
+// independent lanes (`Lanes`), which the backward's sums reach eight float32 values per
+// lane at a time (`add_centred_in_float`); over rows, groups of eight rows are added up
+// before they touch the per-channel float64 sums. Both orders are fixed by the shape alone. The moments
 // read a group's rows side by side, in registers, which leaves the hardware prefetcher
 // behind once the tensor is out of cache (twice as slow as the same sums over planes), so
 // each group asks for the next.

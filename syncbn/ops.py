@@ -28,9 +28,9 @@ per step in a ResNet-18 profile); the Python kernels here serve every other case
 elementwise passes are traced as stock ops instead, so that Inductor fuses them with
 their neighbours (a ReLU, a residual add, a pooling) and lays them out as it lays out the
 convolutions around them; an opaque op there cost an extra pass each, and a copy wherever
-the layouts met. AOTAutograd traces
-the autograd Function of forward_apply, whose backward finds its communicator by name
-(`syncbn.comm.key`), so the backward all-reduce lands in the backward graph.
+the layouts met. AOTAutograd traces the autograd Function of forward_apply, whose
+backward finds its communicator by name (`syncbn.comm.key`), so the backward all-reduce
+lands in the backward graph.
 
 The global count is checked where it is read, identically on every rank, so that every rank
 raises together: a NaN count (a rank rejected its input), a count of 1, and, when asked,

@@ -287,10 +287,10 @@ inline void add_centred(const V* a, const V* b, const U* m, U* s, U* t, int64_t 
 // Float64 adds, not memory, bound these loops: over (n, c) planes each channel keeps 16
 // independent lanes (`Lanes`), which the backward's sums reach eight float32 values per
 // lane at a time (`add_centred_in_float`); over rows, groups of eight rows are added up
-// before they touch the per-channel float64 sums. Both orders are fixed by the shape alone. The moments
-// read a group's rows side by side, in registers, which leaves the hardware prefetcher
-// behind once the tensor is out of cache (twice as slow as the same sums over planes), so
-// each group asks for the next.
+// before they touch the per-channel float64 sums. Both orders are fixed by the shape alone.
+// The moments read a group's rows side by side, in registers, which leaves the hardware
+// prefetcher behind once the tensor is out of cache (twice as slow as the same sums over
+// planes), so each group asks for the next.
 template <typename T, bool kCentred>
 void reduce_kernel(const Layout& l, const T* a, const T* b, const double* m, double* s, double* t) {
   using acc = opmath<T>;
@@ -547,22 +547,29 @@ at::Tensor moments(const at::Tensor& input) {
   return out;
 }
 
+// The global mean and invstd from the packed stats of C channels, after the count's checks
+// (the one-value error names this rank's input when there is one).
+std::pair<std::vector<double>, std::vector<double>> mean_invstd(const at::Tensor& stats, int64_t C, double eps,
+                                                                const at::Tensor* input) {
+  const double* sums = checked_sums(stats, 2 * C + 1, "stats");
+  check_count(sums[0], input);
+  auto [mean, invstd] = mean_var(sums, C);
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) invstd[c] = 1.0 / std::sqrt(invstd[c] + eps);
+  return {mean, invstd};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_apply(const at::Tensor& input, const at::Tensor& stats,
                                                              const std::optional<at::Tensor>& weight,
                                                              const std::optional<at::Tensor>& bias, double eps) {
   const Layout l = layout(input);
   const int64_t C = l.C;
-  const double* sums = checked_sums(stats, 2 * C + 1, "stats");
-  check_count(sums[0], &input);
-  const auto [mean, var] = mean_var(sums, C);
-  std::vector<double> invstd(C), scale(C), shift(C, 0.0);
+  const auto [mean, invstd] = mean_invstd(stats, C, eps, &input);
+  std::vector<double> scale(C), shift(C, 0.0);
   const std::vector<double> w = weight ? per_channel(*weight, C, "weight") : std::vector<double>(C, 1.0);
   if (bias) shift = per_channel(*bias, C, "bias");
 #pragma omp simd
-  for (int64_t c = 0; c < C; ++c) {
-    invstd[c] = 1.0 / std::sqrt(var[c] + eps);
-    scale[c] = w[c] * invstd[c];
-  }
+  for (int64_t c = 0; c < C; ++c) scale[c] = w[c] * invstd[c];
   const at::Tensor y = apply(input, l, nullptr, mean, scale, std::vector<double>(C, 0.0), shift);
   const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   return {y, channel_tensor(mean, acc), channel_tensor(invstd, acc)};
@@ -596,13 +603,7 @@ void update_running_stats(const at::Tensor& running_mean, const at::Tensor& runn
 // The global stats' count checks and float64 mean and invstd, for the traced step, whose
 // elementwise passes are stock ops (syncbn::statistics).
 std::tuple<at::Tensor, at::Tensor> statistics(const at::Tensor& stats, double eps) {
-  const int64_t C = (stats.numel() - 1) / 2;
-  const double* sums = checked_sums(stats, 2 * C + 1, "stats");
-  check_count(sums[0], nullptr);
-  const auto [mean, var] = mean_var(sums, C);
-  std::vector<double> invstd(C);
-#pragma omp simd
-  for (int64_t c = 0; c < C; ++c) invstd[c] = 1.0 / std::sqrt(var[c] + eps);
+  const auto [mean, invstd] = mean_invstd(stats, (stats.numel() - 1) / 2, eps, nullptr);
   return {channel_tensor(mean, at::kDouble), channel_tensor(invstd, at::kDouble)};
 }
 

@@ -38,7 +38,6 @@ def _swap(module: _BatchNorm, cls: type, **kwargs: Any) -> _BatchNorm:
         module.momentum,
         module.affine,
         module.track_running_stats,
-        bias=module.bias is not None,
         device="meta",
         **kwargs,
     )

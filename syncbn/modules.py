@@ -98,7 +98,11 @@ class SyncBatchNorm(_BatchNorm):
         bias: bool = True,
         check_finite: bool = False,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        # _BatchNorm's own bias= keyword is recent (torch 2.11 lacks it): the same parameters,
+        # built on every torch that syncbn supports.
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        if not bias:
+            self.register_parameter("bias", None)
         self.process_group = process_group
         self.check_finite = check_finite
         # How debug mode names the layer; convert_sync_batchnorm gives the module's path.

@@ -8,7 +8,8 @@ knows which backend carries the numbers.
 trace it: torch.distributed groups go through functional collectives
 (``_c10d_functional.all_reduce`` + ``wait_tensor``) while tracing, and MPI or a
 Communicator of the caller's own through the ``syncbn::all_reduce`` custom op. Each
-communicator has a string `key`, by which an op's backward finds it again (`lookup`).
+communicator has a string `key`, by which a traced backward all-reduces over it again
+(`traced_all_reduce`).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ __all__ = [
     "all_reduce",
     "tracing",
     "key",
-    "lookup",
+    "traced_all_reduce",
     "new_groups",
     "torch_group",
     "clone_group",
@@ -59,7 +60,8 @@ __all__ = [
 ]
 
 
-# Every communicator a layer has used, by key, for the backward of its ops (see `lookup`).
+# Every communicator of the caller's own or MPI that a traced layer has used, by key, for the
+# syncbn::all_reduce op (see `traced_all_reduce`).
 _by_key: dict[str, Any] = {}
 
 
@@ -123,7 +125,7 @@ class TorchComm:
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if _are_we_tracing():
-            return funcol.wait_tensor(torch.ops._c10d_functional.all_reduce(tensor, "sum", self.group_name))
+            return _functional_all_reduce(tensor, self.group_name)
         return self._summed(tensor).clone()
 
     def all_reduce_(self, tensor: torch.Tensor) -> None:
@@ -197,7 +199,7 @@ def _mpi_comm(process_group: Any) -> MPIComm:
 
 
 def key(comm: Communicator) -> str:
-    """The name by which `lookup` finds ``comm`` again in this process."""
+    """The name by which `traced_all_reduce` reduces over ``comm`` again in this process."""
     if isinstance(comm, (LocalComm, TorchComm, MPIComm)):
         return comm.key
     name = f"{type(comm).__qualname__}:{id(comm)}"
@@ -206,15 +208,18 @@ def key(comm: Communicator) -> str:
     return name
 
 
-def lookup(name: str) -> Communicator:
-    """The communicator named ``name`` by `key`."""
+def traced_all_reduce(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """`all_reduce` over the communicator that `key` named ``name``, as traceable ops.
+
+    A traced backward holds only the name: the group object cannot be traced (torch 2.11's
+    Dynamo traces the backward with the forward and cannot call into c10d), and a
+    communicator resolved while tracing is registered only when the compiled code first runs.
+    """
     if name == LocalComm.key:
-        return LocalComm()
-    if name not in _by_key and name.startswith("torch:"):
-        # Resolved while torch.compile traced the forward: Dynamo registers it only when the
-        # compiled code first runs, after the backward's trace, which needs just the name.
-        return TorchComm(dist.distributed_c10d._resolve_process_group(name.removeprefix("torch:")))
-    return _by_key[name]
+        return tensor
+    if name.startswith("torch:"):
+        return _functional_all_reduce(tensor, name.removeprefix("torch:"))
+    return _opaque_all_reduce(tensor, name)
 
 
 def tracing() -> bool:
@@ -233,12 +238,16 @@ def all_reduce(comm: Communicator, tensor: torch.Tensor) -> torch.Tensor:
     return summed
 
 
+def _functional_all_reduce(tensor: torch.Tensor, group_name: str) -> torch.Tensor:
+    return funcol.wait_tensor(torch.ops._c10d_functional.all_reduce(tensor, "sum", group_name))
+
+
 @torch.library.custom_op("syncbn::all_reduce", mutates_args=())
 def _opaque_all_reduce(tensor: torch.Tensor, group: str) -> torch.Tensor:
     """A Communicator's in-place ``all_reduce_`` (MPI, or the caller's own) as an op that
     torch.compile keeps whole in its graph."""
     summed = tensor.clone()
-    lookup(group).all_reduce_(summed)
+    _by_key[group].all_reduce_(summed)
     return summed
 
 

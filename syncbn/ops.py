@@ -29,8 +29,8 @@ elementwise passes are traced as stock ops instead, so that Inductor fuses them 
 their neighbours (a ReLU, a residual add, a pooling) and lays them out as it lays out the
 convolutions around them; an opaque op there cost an extra pass each, and a copy wherever
 the layouts met. AOTAutograd traces the autograd Function of forward_apply, whose
-backward finds its communicator by name (`syncbn.comm.key`), so the backward all-reduce
-lands in the backward graph.
+backward all-reduces over its communicator by name (`syncbn.comm.traced_all_reduce`), so
+the backward all-reduce lands in the backward graph.
 
 The global count is checked where it is read, identically on every rank, so that every rank
 raises together: a NaN count (a rank rejected its input), a count of 1, and, when asked,
@@ -220,7 +220,9 @@ class _TracedForwardApply(torch.autograd.Function):
         mean, invstd = mean.to(acc), invstd.to(acc)
         ctx.save_for_backward(input, weight, stats, mean, invstd)
         ctx.group = group
-        return output.to(input.dtype)
+        # Cast only when the dtypes differ: torch 2.11's Dynamo zeroes every gradient of a
+        # Function that returns the no-op .to() alias of its result.
+        return output if output.dtype == input.dtype else output.to(input.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -228,7 +230,7 @@ class _TracedForwardApply(torch.autograd.Function):
         sums, grad_weight, grad_bias = torch.ops.syncbn.backward_reduce(grad_output, input, mean, invstd)
         grad_input = None
         if ctx.needs_input_grad[0]:
-            global_sums = _comm.all_reduce(_comm.lookup(ctx.group), sums)
+            global_sums = _comm.traced_all_reduce(ctx.group, sums)
             # dx = p·(x − mean) + q·dy + r, as in the C++ backward_apply: q = w·invstd,
             # p = −q·invstd²·Σdy·(x − mean)/n and r = −q·Σdy/n, in float64.
             s = invstd.double()

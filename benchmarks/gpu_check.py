@@ -15,12 +15,16 @@ figure to results/gpu.json, with the GPU's name and the torch and CUDA versions.
    events, the variants interleaved, medians.
 3. Host syncs: a training step under torch.cuda.set_sync_debug_mode("error").
 4. CUDA-graph capture of a training step.
+5. torch.compile(fullgraph=True) over the NCCL group: no graph break, two compiled training
+   steps and an eval call equal to eager, the compile time, and no host sync in a compiled
+   step.
 
 Without CUDA it prints one line and exits 0.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import statistics
 import sys
@@ -201,7 +205,10 @@ def speed(group, reps: int) -> list[dict]:
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 16, 3), SyncBatchNorm(16), nn.ReLU(), nn.Conv2d(16, 8, 3), SyncBatchNorm(8))
+    # No bias before a BatchNorm, as in a ResNet: its gradient is zero up to rounding.
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, bias=False), SyncBatchNorm(16), nn.ReLU(), nn.Conv2d(16, 8, 3, bias=False), SyncBatchNorm(8)
+    )
 
 
 def host_syncs(group) -> dict:
@@ -251,6 +258,92 @@ def graph_capture() -> dict:
         return {"ok": False, "error": f"{type(error).__name__}: {str(error).splitlines()[0]}"}
 
 
+def _tolerance_used(actual: torch.Tensor, expected: torch.Tensor, tol: float) -> float:
+    """max |actual − expected| / (tol·(1 + max |expected|)): at most 1 passes.
+
+    Judged on the scale of the tensor's largest value, so that gradient sums that cancel to
+    near zero are held to the precision of their terms.
+    """
+    if actual.numel() == 0:
+        return 0.0
+    actual, expected = actual.double(), expected.double()
+    return (actual - expected).abs().max().item() / (tol * (1 + expected.abs().max().item()))
+
+
+def compiled_case(comm, dtype: torch.dtype, device: str = "cuda", backend: str = "inductor") -> dict:
+    """torch.compile(fullgraph=True) of a conv net whose layers synchronize over ``comm``.
+
+    Two training steps and an eval call, compiled against eager from the same weights, to
+    the CPU suite's tolerances (float64 1e-9, float32 1e-5), each error given as the share of
+    its tolerance it uses; the graph break count; the first compiled step's time.
+    """
+    eager = _model().to(device, dtype)
+    for layer in eager:
+        if isinstance(layer, SyncBatchNorm):
+            layer.process_group = comm
+    model = copy.deepcopy(eager)
+    generator = torch.Generator(device).manual_seed(0)
+    x = torch.randn(8, 3, 16, 16, device=device, dtype=dtype, generator=generator)
+    dy = torch.randn(8, 8, 12, 12, device=device, dtype=dtype, generator=generator)
+    result: dict = {
+        "dtype": str(dtype),
+        "graph breaks": torch._dynamo.explain(copy.deepcopy(model))(x).graph_break_count,
+    }
+    step = torch.compile(model, fullgraph=True, backend=backend)
+    errors: dict[str, float] = {}
+    for i in range(2):
+        xs, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+        expected = eager(xs)
+        expected.backward(dy)
+        started = time.perf_counter()
+        y = step(xc)
+        y.backward(dy)
+        if i == 0:
+            result["first compiled step s"] = time.perf_counter() - started
+        pairs = [("y", y, expected), ("dx", xc.grad, xs.grad)]
+        pairs += [
+            (f"grad {name}", p.grad, q.grad)
+            for (name, p), q in zip(model.named_parameters(), eager.parameters(), strict=True)
+        ]
+        pairs += [(f"buffer {name}", b, c) for (name, b), c in zip(model.named_buffers(), eager.buffers(), strict=True)]
+        for name, actual, wanted in pairs:
+            errors[name] = max(errors.get(name, 0.0), _tolerance_used(actual, wanted, ATOL[dtype]))
+        model.zero_grad()
+        eager.zero_grad()
+    with torch.no_grad():
+        errors["eval"] = _tolerance_used(step.eval()(x), eager.eval()(x), ATOL[dtype])
+    result["errors"] = errors
+    result["ok"] = result["graph breaks"] == 0 and max(errors.values()) <= 1.0
+    return result
+
+
+def compiled(comm) -> dict:
+    """compiled_case in float64 and float32 on CUDA, then a compiled step with every host sync an error."""
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # the same convolution arithmetic, compiled or not
+    try:
+        rows = [compiled_case(comm, dtype) for dtype in (torch.float64, torch.float32)]
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    model = _model().cuda()
+    for layer in model:
+        if isinstance(layer, SyncBatchNorm):
+            layer.process_group = comm
+    step = torch.compile(model, fullgraph=True)
+    x = torch.randn(8, 3, 16, 16, device="cuda")
+    step(x).sum().backward()  # compiles, outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(x).sum().backward()
+        syncs = {"ok": True}
+    except RuntimeError as error:
+        syncs = {"ok": False, "error": str(error).splitlines()[0]}
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return {"cases": rows, "host syncs in a compiled step": syncs, "ok": all(r["ok"] for r in rows) and syncs["ok"]}
+
+
 def _nccl_group(store_dir: str):
     torch.cuda.set_device(0)
     dist.init_process_group("nccl", store=dist.FileStore(os.path.join(store_dir, "nccl"), 1), rank=0, world_size=1)
@@ -285,6 +378,7 @@ def main() -> int:
         _guarded("speed", lambda: speed(group, 10 if args.quick else 50), results)
         _guarded("host syncs", lambda: host_syncs(nccl), results)
         _guarded("CUDA graph", graph_capture, results)
+        _guarded("torch.compile, fullgraph", lambda: compiled(nccl), results)
         dist.destroy_process_group()
     path = write_json(args.results / "gpu.json", results)
     print(f"gpu_check: wrote {path}")

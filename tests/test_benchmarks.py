@@ -108,3 +108,23 @@ def test_gpu_check_helpers_on_cpu(monkeypatch):
 
     assert not gpu_check.equivalence_case(0, 1, HalfComm(), torch.float64, False, device="cpu")["ok"]
     assert sum(c * s * s for c, s in gpu_check.RESNET50_BN) > 0 and len(gpu_check.RESNET50_BN) == 12
+
+
+def test_gpu_check_compiled_case_on_cpu(monkeypatch):
+    """The GPU run's torch.compile check passes on the CPU, and fails when compiled and eager
+    synchronize differently."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_check
+
+    row = gpu_check.compiled_case(gpu_check.NoOpComm(), torch.float64, device="cpu", backend="aot_eager")
+    assert row["ok"] and row["graph breaks"] == 0, row
+
+    class DriftingComm(gpu_check.NoOpComm):
+        calls = 0
+
+        def all_reduce_(self, tensor):
+            self.calls += 1
+            tensor[1:].add_(self.calls)
+
+    row = gpu_check.compiled_case(DriftingComm(), torch.float64, device="cpu", backend="aot_eager")
+    assert not row["ok"], row

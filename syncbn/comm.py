@@ -186,7 +186,11 @@ def _torch_comm(group: Any) -> TorchComm:
     comm = _by_key.get(f"torch:{group.group_name}")
     if comm is None or comm.group is None:
         comm = TorchComm(group)
-        _by_key[comm.key] = comm
+        # A traced step owns its buffers and needs only the group's name; kept while
+        # tracing, the communicator would be a side effect that Dynamo must replay, and
+        # torch 2.11's cannot rebuild the group it holds (a graph break).
+        if not _are_we_tracing():
+            _by_key[comm.key] = comm
     return comm
 
 

@@ -60,8 +60,9 @@ __all__ = [
 ]
 
 
-# Every communicator of the caller's own or MPI that a traced layer has used, by key, for the
-# syncbn::all_reduce op (see `traced_all_reduce`).
+# Every communicator resolved in this process, by key: torch.distributed ones so that their
+# buffers outlive the backend's use of them (see TorchComm), MPI and the caller's own for the
+# syncbn::all_reduce op of a traced step (see `traced_all_reduce`).
 _by_key: dict[str, Any] = {}
 
 
@@ -215,9 +216,10 @@ def key(comm: Communicator) -> str:
 def traced_all_reduce(name: str, tensor: torch.Tensor) -> torch.Tensor:
     """`all_reduce` over the communicator that `key` named ``name``, as traceable ops.
 
-    A traced backward holds only the name: the group object cannot be traced (torch 2.11's
-    Dynamo traces the backward with the forward and cannot call into c10d), and a
-    communicator resolved while tracing is registered only when the compiled code first runs.
+    A traced backward holds only the name. Finding a torch.distributed group by its name
+    cannot be traced (torch 2.11's Dynamo traces the backward with the forward, and cannot
+    call into c10d), and a communicator resolved while tracing is not kept (`_torch_comm`),
+    so the functional collective takes the group's name itself.
     """
     if name == LocalComm.key:
         return tensor

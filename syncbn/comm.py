@@ -125,8 +125,6 @@ class TorchComm:
         return self._group()
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        if _are_we_tracing():
-            return _functional_all_reduce(tensor, self.group_name)
         return self._summed(tensor).clone()
 
     def all_reduce_(self, tensor: torch.Tensor) -> None:
@@ -214,7 +212,8 @@ def key(comm: Communicator) -> str:
 
 
 def traced_all_reduce(name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """`all_reduce` over the communicator that `key` named ``name``, as traceable ops.
+    """`all_reduce` over the communicator that `key` named ``name``, as traceable ops: the
+    functional collective for a torch.distributed group, syncbn::all_reduce for the others.
 
     A traced backward holds only the name. Finding a torch.distributed group by its name
     cannot be traced (torch 2.11's Dynamo traces the backward with the forward, and cannot
@@ -235,10 +234,10 @@ def tracing() -> bool:
 
 def all_reduce(comm: Communicator, tensor: torch.Tensor) -> torch.Tensor:
     """The sum of ``tensor`` over the members of ``comm``, as a new tensor; traceable."""
+    if tracing():
+        return traced_all_reduce(key(comm), tensor)
     if isinstance(comm, (TorchComm, LocalComm)):
         return comm.all_reduce(tensor)
-    if tracing():
-        return _opaque_all_reduce(tensor, key(comm))
     summed = tensor.clone()
     comm.all_reduce_(summed)
     return summed

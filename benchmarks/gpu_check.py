@@ -203,20 +203,22 @@ def speed(group, reps: int) -> list[dict]:
     return rows
 
 
-def _model() -> nn.Module:
+def _model(group) -> nn.Module:
+    """A small conv net whose SyncBatchNorm layers synchronize over ``group``."""
     torch.manual_seed(0)
     # No bias before a BatchNorm, as in a ResNet: its gradient is zero up to rounding.
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, bias=False), SyncBatchNorm(16), nn.ReLU(), nn.Conv2d(16, 8, 3, bias=False), SyncBatchNorm(8)
+        nn.Conv2d(3, 16, 3, bias=False),
+        SyncBatchNorm(16, process_group=group),
+        nn.ReLU(),
+        nn.Conv2d(16, 8, 3, bias=False),
+        SyncBatchNorm(8, process_group=group),
     )
 
 
 def host_syncs(group) -> dict:
     """A training step with every host sync an error; the layers synchronize over ``group``."""
-    model = _model().cuda()
-    for layer in model:
-        if isinstance(layer, SyncBatchNorm):
-            layer.process_group = group
+    model = _model(group).cuda()
     x = torch.randn(8, 3, 16, 16, device="cuda")
     model(x).sum().backward()  # warm up outside the check: first calls allocate and load
     torch.cuda.synchronize()
@@ -277,10 +279,7 @@ def compiled_case(comm, dtype: torch.dtype, device: str = "cuda", backend: str =
     1e-9 (float64) and 1e-5 (float32) of each tensor's scale, each error given as the share
     of its tolerance it uses; the graph break count; the first compiled step's time.
     """
-    eager = _model().to(device, dtype)
-    for layer in eager:
-        if isinstance(layer, SyncBatchNorm):
-            layer.process_group = comm
+    eager = _model(comm).to(device, dtype)
     model = copy.deepcopy(eager)
     generator = torch.Generator(device).manual_seed(0)
     x = torch.randn(8, 3, 16, 16, device=device, dtype=dtype, generator=generator)
@@ -325,10 +324,7 @@ def compiled(comm) -> dict:
         rows = [compiled_case(comm, dtype) for dtype in (torch.float64, torch.float32)]
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
-    model = _model().cuda()
-    for layer in model:
-        if isinstance(layer, SyncBatchNorm):
-            layer.process_group = comm
+    model = _model(comm).cuda()
     step = torch.compile(model, fullgraph=True)
     x = torch.randn(8, 3, 16, 16, device="cuda")
     step(x).sum().backward()  # compiles, outside the check

@@ -12,11 +12,13 @@ per kernel:
   (Σdy, Σdy·(x − mean)), all-reduced, and the local weight and bias gradients;
 * ``backward_apply``: one read of dy and x, one write of dx.
 
-`batch_norm` is the step, forward and backward. Eagerly it is one autograd.Function that
-calls the kernels directly (`syncbn.kernels` on the CPU, `syncbn.reference` elsewhere) and
-the two all-reduces: the dispatcher's Python wrappers cost about 0.1 ms per call, and a
-Python wrapper or autograd node per op cost as much as the kernels themselves on a
-(256, 1024) tensor.
+`batch_norm` is the step, forward and backward. Eagerly on the CPU it is one op,
+``syncbn_cpu::step``, whose autograd is C++ too (csrc/cpu_kernels.cpp): its two
+all-reduces call ``syncbn::all_reduce``, the op of `syncbn.comm`, by the communicator's
+key. A Python autograd.Function costs about 0.2 ms a step in ``apply`` and in the
+engine's Python node, a fifth of a (256, 1024) layer's fwd+bwd. Elsewhere (CUDA, or no
+compiler) the step is `_Step`: one autograd.Function over stock ops (`syncbn.reference`),
+which the tests also hold the C++ step against.
 
 While torch.compile traces, the reductions and the running-stat update are registered
 ops (``syncbn::moments``, ``syncbn::backward_reduce``, ``syncbn::update_running_stats``,
@@ -173,20 +175,18 @@ def _weight_grads(ctx, weight, grad_weight, grad_bias):
 
 
 class _Step(torch.autograd.Function):
-    """The whole step eagerly, in one Function: the kernels and both all-reduces."""
+    """The whole step eagerly on stock ops (`syncbn.reference`), in one Function: the
+    fallback, CUDA, and the oracle of the C++ step (``syncbn_cpu::step``)."""
 
     @staticmethod
     def forward(
         ctx, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, comm, check_finite
     ):
-        kernels = ctx.kernels = _impl(input)  # the backward's too
-        stats = _comm.all_reduce(comm, kernels.moments(input))
-        # The C++ kernels check the count themselves, where they read it (check_count).
-        if kernels is reference or check_finite:
-            _check_stats(stats, input.shape, check_finite)
-        output, mean, invstd = kernels.forward_apply(input, stats, weight, bias, eps)
+        stats = _comm.all_reduce(comm, reference.moments(input))
+        _check_stats(stats, input.shape, check_finite)
+        output, mean, invstd = reference.forward_apply(input, stats, weight, bias, eps)
         if running_mean is not None:
-            kernels.update_running_stats(running_mean, running_var, num_batches_tracked, stats, momentum)
+            reference.update_running_stats(running_mean, running_var, num_batches_tracked, stats, momentum)
         ctx.save_for_backward(input, weight, stats, mean, invstd)
         ctx.comm = comm
         return output
@@ -194,11 +194,11 @@ class _Step(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         input, weight, stats, mean, invstd = ctx.saved_tensors
-        sums, grad_weight, grad_bias = ctx.kernels.backward_reduce(grad_output, input, mean, invstd)
+        sums, grad_weight, grad_bias = reference.backward_reduce(grad_output, input, mean, invstd)
         grad_input = None
         if ctx.needs_input_grad[0]:
             global_sums = _comm.all_reduce(ctx.comm, sums)
-            grad_input = ctx.kernels.backward_apply(grad_output, input, mean, invstd, weight, stats, global_sums)
+            grad_input = reference.backward_apply(grad_output, input, mean, invstd, weight, stats, global_sums)
         return grad_input, *_weight_grads(ctx, weight, grad_weight, grad_bias), *[None] * 7
 
 
@@ -264,6 +264,19 @@ def batch_norm(
     ``num_batches_tracked``).
     """
     if not _comm.tracing():
+        if input.is_cpu and kernels.available():
+            return torch.ops.syncbn_cpu.step(
+                input,
+                weight,
+                bias,
+                running_mean,
+                running_var,
+                num_batches_tracked,
+                momentum,
+                eps,
+                _comm.key(comm),
+                check_finite,
+            )
         return _Step.apply(
             input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, comm, check_finite
         )

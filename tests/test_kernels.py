@@ -16,7 +16,7 @@ import torch
 import torch.utils.cpp_extension
 from torch.utils.cpp_extension import _get_build_directory
 
-from syncbn import kernels, ops, reference
+from syncbn import comm, kernels, ops, reference
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 LAYOUTS = {
@@ -93,6 +93,86 @@ def test_kernels_equal_the_stock_op_oracle(layout, dtype):
     assert y.stride() == x.stride() == dx.stride() or not x.is_contiguous(memory_format=x.suggest_memory_format())
 
 
+class _SilentWorld:
+    """A world of 2 whose all-reduce does nothing: the synchronized step in one process, its
+    all-reduces through the syncbn::all_reduce op. ``fail_at`` makes that call raise."""
+
+    world_size, rank = 2, 0
+
+    def __init__(self, fail_at: int = 0) -> None:
+        self.calls, self.fail_at = 0, fail_at
+
+    def all_reduce_(self, tensor: torch.Tensor) -> None:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise TimeoutError("a peer is gone")
+
+
+def _training_step(cpp: bool, x, dy, weight, bias, buffers, momentum, world, check_finite=False):
+    """Forward and backward of the whole eager step: the C++ op or the stock-op Function."""
+    x = x.clone().requires_grad_()
+    weight, bias = (None if p is None else p.clone().requires_grad_() for p in (weight, bias))
+    buffers = [None] * 3 if buffers is None else [b.clone() for b in buffers]
+    args = (x, weight, bias, *buffers, momentum, 1e-5)
+    if cpp:
+        y = torch.ops.syncbn_cpu.step(*args, comm.key(world), check_finite)
+    else:
+        y = ops._Step.apply(*args, world, check_finite)
+    y.backward(dy)
+    return [y, x.grad, *(None if p is None else p.grad for p in (weight, bias)), *buffers]
+
+
+VARIANTS = ["affine", "no affine", "no bias", "momentum=None", "no running stats"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["2d", "nchw", "channels_last", "channels_last_3d"])
+def test_cpp_step_equals_the_stock_step(layout, dtype, variant):
+    """``syncbn_cpu::step``, the eager CPU step with its C++ autograd, against `ops._Step` on
+    stock ops: output, every gradient, the running stats, and both all-reduces made."""
+    _requires_kernels()
+    x, dy = _inputs(layout, dtype)
+    channels = x.size(1)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    weight = None if variant == "no affine" else torch.rand(channels, dtype=wide) + 0.5
+    bias = None if variant in ("no affine", "no bias") else torch.randn(channels, dtype=wide)
+    buffers = None
+    if variant != "no running stats":
+        buffers = (torch.rand(channels, dtype=wide), torch.rand(channels, dtype=wide) + 1, torch.tensor(3))
+    momentum = None if variant == "momentum=None" else 0.1
+    worlds = _SilentWorld(), _SilentWorld()
+    got, expected = (
+        _training_step(cpp, x, dy, weight, bias, buffers, momentum, w)
+        for cpp, w in [(True, worlds[0]), (False, worlds[1])]
+    )
+    names = ["y", "dx", "grad_weight", "grad_bias", "running_mean", "running_var", "num_batches_tracked"]
+    for name, a, b in zip(names, got, expected, strict=True):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert a.dtype == b.dtype and a.stride() == b.stride(), name
+            tol = _tolerance(dtype if name in ("y", "dx") else wide)
+            torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"{name}: {m}")
+    assert worlds[0].calls == worlds[1].calls == 2
+
+
+def test_cpp_step_errors_keep_their_type():
+    """Errors raised in Python under the C++ step (the count checks, check_finite, a
+    communicator that fails in the backward) reach the caller as they were raised, and a
+    rejected step leaves the running stats as they were."""
+    _requires_kernels()
+    x, dy = torch.randn(4, 3), torch.randn(4, 3)
+    buffers = (torch.zeros(3), torch.ones(3), torch.tensor(0))
+    with pytest.raises(TimeoutError, match="a peer is gone"):
+        _training_step(True, x, dy, None, None, None, 0.1, _SilentWorld(fail_at=2))
+    x[1, 2] = float("nan")
+    with pytest.raises(FloatingPointError, match="channels \\[2\\]"):
+        _training_step(True, x, dy, None, None, buffers, 0.1, _SilentWorld(), check_finite=True)
+    assert not buffers[0].any() and buffers[2].item() == 0
+    with pytest.raises(ValueError, match="got 1; this rank's input size \\[1, 3\\]"):
+        torch.ops.syncbn_cpu.step(torch.randn(1, 3), None, None, None, None, None, 0.1, 1e-5, "local", False)
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "2d"])
 def test_moments_exact_in_float64_far_from_zero(layout):
     """The sums are float64 sums of the float32 values, whatever the layout."""
@@ -161,10 +241,11 @@ def _opcheck_cases():
         (op.update_running_stats.default, (*buffers, stats, 0.1)),
         (op.backward_reduce.default, (dy, x.detach(), mean, invstd)),
         (op.backward_reduce.default, (dy.contiguous(memory_format=torch.channels_last), x.detach(), mean, invstd)),
+        (op.all_reduce.default, (stats, comm.key(_SilentWorld()))),
     ]
 
 
-@pytest.mark.parametrize("case", range(7))
+@pytest.mark.parametrize("case", range(8))
 def test_opcheck(case):
     """Schema, fake kernel and dispatch of the registered ops, as torch.compile relies on them:
     on the CPU, the C++ kernels once the extension is loaded, else the Python ones."""
@@ -188,7 +269,7 @@ def test_registered_ops_on_stock_ops_alone():
         capture_output=True,
         text=True,
     )
-    assert result.returncode == 0 and "8 passed" in result.stdout, result.stdout + result.stderr
+    assert result.returncode == 0 and "9 passed" in result.stdout, result.stdout + result.stderr
 
 
 def test_results_do_not_depend_on_the_thread_count():

@@ -29,6 +29,16 @@ import torch.multiprocessing as mp
 RESULTS = Path(__file__).parent / "results"
 
 
+class NoOpComm:
+    """A world of 2 whose all-reduce does nothing: the synchronized code path without latency."""
+
+    world_size = 2
+    rank = 0
+
+    def all_reduce_(self, tensor: torch.Tensor) -> None:
+        pass
+
+
 def time_interleaved(
     variants: dict[str, Callable[[], None]], reps: int, warmup: int = 2, before: Callable[[], None] | None = None
 ) -> dict[str, list[float]]:

@@ -35,7 +35,7 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-from common import make_parser, on_ranks, write_json
+from common import NoOpComm, make_parser, on_ranks, write_json
 from torch import nn
 
 from syncbn import SyncBatchNorm
@@ -49,16 +49,6 @@ SIZES = {1: [7], 2: [3, 0], 3: [3, 0, 4]}
 # The CPU suite's tolerances: fp64 exact to 1e-9; autocast outputs as in test_semantics.
 ATOL = {torch.float64: 1e-9, torch.float32: 1e-5}
 AUTOCAST_TOLERANCE = (0.15, 0.05)
-
-
-class NoOpComm:
-    """A world of 2 whose all-reduce does nothing: the synchronized code path without latency."""
-
-    world_size = 2
-    rank = 0
-
-    def all_reduce_(self, tensor: torch.Tensor) -> None:
-        pass
 
 
 def _rank_slice(sizes: list[int], rank: int) -> slice:

@@ -1,6 +1,6 @@
 """Layer benchmark: forward+backward of one BatchNorm layer, every variant side by side.
 
-* compute: syncbn's synchronized code path with the all-reduce made a no-op (LocalComm)
+* compute: syncbn's synchronized code path over a world of 2 whose all-reduce does nothing
   against local ``nn.BatchNorm`` on the same tensor, so the ratio is pure compute, at 1 and
   2 intra-op threads (and all cores where there are more), in float32, bfloat16 and
   float16, NCHW and channels_last; once with the fused CPU kernels and once with stock ops
@@ -39,10 +39,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import available_backends, make_parser, median_ms, on_ranks, save_figure, time_interleaved, write_json  # noqa: E402
+from common import (  # noqa: E402
+    NoOpComm,
+    available_backends,
+    make_parser,
+    median_ms,
+    on_ranks,
+    save_figure,
+    time_interleaved,
+    write_json,
+)
 
 from syncbn import SyncBatchNorm, kernels  # noqa: E402
-from syncbn.comm import LocalComm, resolve  # noqa: E402
+from syncbn.comm import resolve  # noqa: E402
 from syncbn.functional import sync_batch_norm  # noqa: E402
 
 FULL = {
@@ -120,7 +129,7 @@ class ComputePath(nn.Module):
     def __init__(self, num_features: int) -> None:
         super().__init__()
         self.bn = SyncBatchNorm(num_features)
-        self.comm = LocalComm()
+        self.comm = NoOpComm()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.bn

@@ -169,8 +169,9 @@ def test_cpp_step_errors_keep_their_type():
     with pytest.raises(FloatingPointError, match="channels \\[2\\]"):
         _training_step(True, x, dy, None, None, buffers, 0.1, _SilentWorld(), check_finite=True)
     assert not buffers[0].any() and buffers[2].item() == 0
-    with pytest.raises(ValueError, match="got 1; this rank's input size \\[1, 3\\]"):
-        torch.ops.syncbn_cpu.step(torch.randn(1, 3), None, None, None, None, None, 0.1, 1e-5, "local", False)
+    for check_finite in (False, True):
+        with pytest.raises(ValueError, match="got 1; this rank's input size \\[1, 3\\]"):
+            torch.ops.syncbn_cpu.step(torch.randn(1, 3), None, None, None, None, None, 0.1, 1e-5, "local", check_finite)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "2d"])

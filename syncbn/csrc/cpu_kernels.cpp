@@ -677,7 +677,10 @@ struct Step : torch::autograd::Function<Step> {
                             const Optional& num_batches_tracked, std::optional<double> momentum, double eps,
                             const std::string& comm, bool finite) {
     at::Tensor stats = all_reduce(moments(input), comm);
-    if (finite) stats = check_finite(stats);
+    if (finite) {  // the count's checks first, naming this rank's input as they do without it
+      check_count(checked_sums(stats, 2 * input.size(1) + 1, "stats")[0], &input);
+      stats = check_finite(stats);
+    }
     auto [output, mean, invstd] = forward_apply(input, stats, weight, bias, eps);
     if (running_mean) update_running_stats(*running_mean, *running_var, *num_batches_tracked, stats, momentum);
     ctx->save_for_backward({input, weight.value_or(at::Tensor()), stats, mean, invstd});

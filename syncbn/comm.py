@@ -240,6 +240,10 @@ def all_reduce(comm: Communicator, tensor: torch.Tensor) -> torch.Tensor:
     """The sum of ``tensor`` over the members of ``comm``, as a new tensor; traceable."""
     if tracing():
         return traced_all_reduce(key(comm), tensor)
+    return _summed(comm, tensor)
+
+
+def _summed(comm: Communicator, tensor: torch.Tensor) -> torch.Tensor:
     if isinstance(comm, (TorchComm, LocalComm)):
         return comm.all_reduce(tensor)
     summed = tensor.clone()
@@ -260,7 +264,8 @@ _lib.define("all_reduce(Tensor tensor, str comm) -> Tensor")
 
 
 def _all_reduce_by_key(tensor: torch.Tensor, comm: str) -> torch.Tensor:
-    return all_reduce(_by_key[comm], tensor)
+    # A kernel runs on real tensors only: never while tracing.
+    return _summed(_by_key[comm], tensor)
 
 
 _lib.impl("all_reduce", _all_reduce_by_key, "CompositeExplicitAutograd")

@@ -1,12 +1,13 @@
 """Layer benchmark: forward+backward of one BatchNorm layer, every variant side by side.
 
-* compute: syncbn's synchronized code path over a world of 2 whose all-reduce does nothing
-  against local ``nn.BatchNorm`` on the same tensor, so the ratio is pure compute, at 1 and
-  2 intra-op threads (and all cores where there are more), in float32, bfloat16 and
-  float16, NCHW and channels_last; once with the fused CPU kernels and once with stock ops
-  only (what runs without a compiler). Alongside: the layer with no group and in eval mode
-  (both plain BatchNorm underneath), and the memory floor: the 8 passes over the tensor
-  that a training step must make (3 forward, 5 backward), timed as 4 copies of it;
+* compute: the SyncBatchNorm layer synchronized over a world of 2 whose all-reduce does
+  nothing, against local ``nn.BatchNorm`` on the same tensor, so the ratio is pure compute
+  (Python included), at 1 and 2 intra-op threads (and all cores where there are more), in
+  float32, bfloat16 and float16, NCHW and channels_last; once with the fused CPU kernels
+  and once with stock ops only (what runs without a compiler). Alongside: the layer with
+  no group and in eval mode (both plain BatchNorm underneath), and the memory floor: the
+  8 passes over the tensor that a training step must make (3 forward, 5 backward), timed
+  as 4 copies of it;
 * W=2 Gloo ranks, 1 thread each: syncbn against local BatchNorm plus the two bare
   all-reduces of its messages (2C+1 and 2C float64 numbers), and a textbook SyncBN (a
   differentiable all-reduce of [mean, E[x²]]·n through generic autograd ops, as
@@ -52,7 +53,6 @@ from common import (  # noqa: E402
 
 from syncbn import SyncBatchNorm, kernels  # noqa: E402
 from syncbn.comm import resolve  # noqa: E402
-from syncbn.functional import sync_batch_norm  # noqa: E402
 
 FULL = {
     "shapes": [(32, 64, 56, 56), (32, 256, 14, 14), (8, 64, 32, 32), (256, 1024)],
@@ -123,19 +123,10 @@ class TextbookSyncBN(nn.Module):
         return x * scale.view(view) + shift.view(view)
 
 
-class ComputePath(nn.Module):
-    """syncbn's synchronized code path with a no-op all-reduce: compute without latency."""
-
-    def __init__(self, num_features: int) -> None:
-        super().__init__()
-        self.bn = SyncBatchNorm(num_features)
-        self.comm = NoOpComm()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.bn
-        return sync_batch_norm(
-            x, m.weight, m.bias, m.running_mean, m.running_var, m.num_batches_tracked, m.momentum, m.eps, self.comm
-        )
+def _synced(num_features: int) -> nn.Module:
+    """The layer as users run it, synchronized over a world of 2 whose all-reduce does nothing:
+    syncbn's code path, Python included, without latency."""
+    return SyncBatchNorm(num_features, process_group=NoOpComm())
 
 
 def _stock_ops(step):
@@ -227,16 +218,18 @@ def compute_path(config) -> list[dict]:
             copy = torch.empty_like(x)
             steps = {
                 "nn.BatchNorm": _step(_local_bn(shape), x, dy),
-                "syncbn compute": _step(ComputePath(shape[1]), x, dy),
+                "syncbn compute": _step(_synced(shape[1]), x, dy),
                 "memory floor (4 copies)": lambda c=copy, x=x: [c.copy_(x) for _ in range(4)],
             }
             if dtype == torch.float32:
-                steps["syncbn compute, stock ops"] = _stock_ops(_step(ComputePath(shape[1]), x, dy))
+                steps["syncbn compute, stock ops"] = _stock_ops(_step(_synced(shape[1]), x, dy))
                 steps["syncbn, no group"] = _step(SyncBatchNorm(shape[1]), x, dy)
                 steps["nn.BatchNorm eval"] = _eval(_local_bn(shape), x)
                 steps["syncbn eval"] = _eval(SyncBatchNorm(shape[1]), x)
             steps = {name: _faults(step) for name, step in steps.items()}
-            samples = time_interleaved(steps, config["reps"])
+            # Rounds enough for about 4M elements per variant at the smaller shapes, where
+            # 21 calls of a 1 ms step were over in a blink and a moment's noise moved a median.
+            samples = time_interleaved(steps, config["reps"] * max(1, 2**22 // x.numel()))
             faults = {name: sum(step.faults) / len(step.faults) for name, step in steps.items()}
             extra = {"dtype": str(dtype).removeprefix("torch."), "threads": threads, "minor_faults_per_call": faults}
             rows.append(_row(shape, cl, samples, base="nn.BatchNorm", extra=extra))

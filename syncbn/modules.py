@@ -56,9 +56,10 @@ class SyncBatchNorm(_BatchNorm):
       in any rank's batch makes every rank's output and running stats NaN, as it would in
       one process; ``check_finite=True`` raises on every rank instead, before the running
       stats are touched, at the cost of one check of 2C+1 numbers.
-    * **Debug mode** (``SYNCBN_DEBUG=1`` or ``TORCH_DISTRIBUTED_DEBUG=DETAIL``) checks before
-      each synchronized forward that all ranks are in the same layer with the same channel
-      count and dtype, and raises on every rank otherwise; see ``syncbn.debug``.
+    * **Debug mode** (``SYNCBN_DEBUG=1`` or ``TORCH_DISTRIBUTED_DEBUG=DETAIL`` when syncbn is
+      imported, or ``syncbn.debug.refresh()`` after setting it) checks before each
+      synchronized forward that all ranks are in the same layer with the same channel count
+      and dtype, and raises on every rank otherwise; see ``syncbn.debug``.
     * **Layout and precision.** The output keeps the input's dtype and memory format
       (channels_last included). Statistics are reduced in float64 and applied in at least
       float32, whatever the input dtype; fp16/bf16 inputs and ``torch.autocast`` work.

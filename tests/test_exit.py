@@ -25,7 +25,7 @@ from distributed import run_distributed
 from processes import run_command
 from torch.multiprocessing import ProcessExitedException
 
-from syncbn import SyncBatchNorm
+from syncbn import SyncBatchNorm, debug
 
 pytestmark = pytest.mark.distributed
 
@@ -42,14 +42,17 @@ def collective_tensors_outlive_calls(rank, world, group=None):
     bn = SyncBatchNorm(CHANNELS, process_group=group)
     try:
         os.environ["SYNCBN_DEBUG"] = "1"  # the debug check is a collective too
+        debug.refresh()
         bn(torch.randn(3, CHANNELS, 4, requires_grad=True)).sum().backward()
         del os.environ["SYNCBN_DEBUG"]
+        debug.refresh()
         bad = torch.randn(3) if rank == 0 else torch.randn(3, CHANNELS, 4)
         with pytest.raises(ValueError if rank == 0 else RuntimeError):  # the reject path
             bn(bad)
     finally:
         dist.all_reduce = all_reduce
         os.environ.pop("SYNCBN_DEBUG", None)
+        debug.refresh()
     assert len(handed) == 4  # debug check, forward, backward, reject
     dead = [i for i, ref in enumerate(handed) if ref() is None]
     assert not dead, f"collectives {dead} of {len(handed)} got tensors that Python has since freed"

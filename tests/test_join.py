@@ -72,6 +72,7 @@ def reference(counts: list[int], divide_by_initial: bool, varied: bool) -> dict[
 def train_under_join(rank, world, counts, divide_by_initial, broadcast_buffers, varied, debug):
     if debug:
         os.environ["SYNCBN_DEBUG"] = "1"
+        syncbn.debug.refresh()
     model = Net(syncbn.SyncBatchNorm)
     ddp = DDP(model, broadcast_buffers=broadcast_buffers, find_unused_parameters=varied)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=LR)
@@ -140,6 +141,7 @@ def test_join_throws_on_every_rank_when_asked(tmp_path):
 def disagree_after_a_rank_joined(rank, world, debug):
     if debug:
         os.environ["SYNCBN_DEBUG"] = "1"
+        syncbn.debug.refresh()
     model = Net(syncbn.SyncBatchNorm)
     ddp = DDP(model, find_unused_parameters=True)
     with pytest.raises(RuntimeError) as raised:

@@ -242,8 +242,15 @@ def test_public_api():
     ],
 )
 def test_debug_mode_switches(monkeypatch, env, expected):
+    """Read from the environment at import and by refresh(), not at every call."""
+    before = syncbn.debug.enabled()
     monkeypatch.delenv("SYNCBN_DEBUG", raising=False)
     monkeypatch.delenv("TORCH_DISTRIBUTED_DEBUG", raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    assert syncbn.debug.enabled() is expected
+    try:
+        assert syncbn.debug.enabled() is before
+        assert syncbn.debug.refresh() is expected and syncbn.debug.enabled() is expected
+    finally:
+        monkeypatch.undo()
+        syncbn.debug.refresh()

@@ -12,7 +12,7 @@ from distributed import run_distributed
 from torch import nn
 from torch.testing import assert_close
 
-from syncbn import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
+from syncbn import SyncBatchNorm, convert_sync_batchnorm, debug, revert_sync_batchnorm
 from syncbn.comm import resolve
 
 pytestmark = pytest.mark.distributed
@@ -40,6 +40,7 @@ def test_non_finite_input(tmp_path):
 
 def _debug_on():
     os.environ["SYNCBN_DEBUG"] = "1"
+    debug.refresh()
 
 
 def debug_channel_mismatch(rank, world, group=None):

@@ -227,8 +227,9 @@ def compute_path(config) -> list[dict]:
                 steps["nn.BatchNorm eval"] = _eval(_local_bn(shape), x)
                 steps["syncbn eval"] = _eval(SyncBatchNorm(shape[1]), x)
             steps = {name: _faults(step) for name, step in steps.items()}
-            # Rounds enough for about 4M elements per variant at the smaller shapes, where
-            # 21 calls of a 1 ms step were over in a blink and a moment's noise moved a median.
+            # Smaller tensors get 2**22 / numel times the rounds, so that every case runs about
+            # as long: 21 calls of a 1 ms step were over in a blink, and a moment's noise
+            # moved a median.
             samples = time_interleaved(steps, config["reps"] * max(1, 2**22 // x.numel()))
             faults = {name: sum(step.faults) / len(step.faults) for name, step in steps.items()}
             extra = {"dtype": str(dtype).removeprefix("torch."), "threads": threads, "minor_faults_per_call": faults}

@@ -63,24 +63,39 @@ def resnet18(classes: int = 10) -> nn.Module:
 # torch.compile does for the same network without syncbn, measured in the same run. Steps
 # per variant: the demo CNN's 15–60 ms steps spread over a factor of 3 on this machine
 # (Gloo's threads and two ranks share 2 cores), so it takes many more than ResNet-18's 1 s.
+# ResNet-18 also in channels_last (model and input), the layout Inductor gives every
+# convolution on the CPU: in NCHW the compiled step copies each weight into it and each
+# weight gradient back.
+CL = torch.channels_last
 MODELS = {
-    "demo CNN": (lambda group: make_model("syncbn", group), (32, 1, 8, 8), 200),
-    "demo CNN, nn.BatchNorm": (lambda group: make_model("bn", group), (32, 1, 8, 8), 200),
-    "ResNet-18 32×32": (lambda group: syncbn.convert_sync_batchnorm(resnet18(), group), (8, 3, 32, 32), 15),
-    "ResNet-18 32×32, nn.BatchNorm": (lambda group: resnet18(), (8, 3, 32, 32), 15),
+    "demo CNN": (lambda group: make_model("syncbn", group), (32, 1, 8, 8), 200, None),
+    "demo CNN, nn.BatchNorm": (lambda group: make_model("bn", group), (32, 1, 8, 8), 200, None),
+    "ResNet-18 32×32": (lambda group: syncbn.convert_sync_batchnorm(resnet18(), group), (8, 3, 32, 32), 15, None),
+    "ResNet-18 32×32, nn.BatchNorm": (lambda group: resnet18(), (8, 3, 32, 32), 15, None),
+    "ResNet-18 32×32 channels_last": (
+        lambda group: syncbn.convert_sync_batchnorm(resnet18(), group),
+        (8, 3, 32, 32),
+        15,
+        CL,
+    ),
+    "ResNet-18 32×32 channels_last, nn.BatchNorm": (lambda group: resnet18(), (8, 3, 32, 32), 15, CL),
 }
 
 
 def measure(rank: int, world: int, group, name: str, backend: str, quick: bool) -> dict:
     """Rank 0's compile time and interleaved step times, in seconds."""
     torch.manual_seed(0)
-    build, shape, reps = MODELS[name]
+    build, shape, reps, memory_format = MODELS[name]
     reps = 3 if quick else reps
     eager = build(group)
+    if memory_format is not None:
+        eager = eager.to(memory_format=memory_format)
     twin = copy.deepcopy(eager)
     compiled = torch.compile(twin, fullgraph=True, backend=backend)
     comm = resolve(group)
     x, y = torch.randn(shape), torch.randint(0, 10, (shape[0],))
+    if memory_format is not None:
+        x = x.contiguous(memory_format=memory_format)
 
     def step(model: nn.Module, parameters: nn.Module, optimizer: torch.optim.Optimizer):
         return lambda: training_step(model, parameters, optimizer, x, y, comm, world)

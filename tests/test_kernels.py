@@ -169,6 +169,10 @@ def test_cpp_step_errors_keep_their_type():
     with pytest.raises(FloatingPointError, match="channels \\[2\\]"):
         _training_step(True, x, dy, None, None, buffers, 0.1, _SilentWorld(), check_finite=True)
     assert not buffers[0].any() and buffers[2].item() == 0
+    world = _SilentWorld()
+    with pytest.raises(RuntimeError, match="expected running_var and num_batches_tracked with running_mean"):
+        torch.ops.syncbn_cpu.step(x, None, None, buffers[0], None, None, 0.1, 1e-5, comm.key(world), False)
+    assert world.calls == 0  # raised before any collective
     for check_finite in (False, True):
         with pytest.raises(ValueError, match="got 1; this rank's input size \\[1, 3\\]"):
             torch.ops.syncbn_cpu.step(torch.randn(1, 3), None, None, None, None, None, 0.1, 1e-5, "local", check_finite)

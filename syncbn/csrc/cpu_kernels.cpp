@@ -677,6 +677,9 @@ struct Step : torch::autograd::Function<Step> {
                             const Optional& bias, const Optional& running_mean, const Optional& running_var,
                             const Optional& num_batches_tracked, std::optional<double> momentum, double eps,
                             const std::string& comm, bool finite) {
+    // Before any collective, so that every rank raises alike and none waits on another.
+    TORCH_CHECK(!running_mean || (running_var && num_batches_tracked),
+                "expected running_var and num_batches_tracked with running_mean");
     at::Tensor stats = all_reduce(moments(input), comm);
     if (finite) {  // the count's checks first, naming this rank's input as they do without it
       check_count(checked_sums(stats, 2 * input.size(1) + 1, "stats")[0], &input);

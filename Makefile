@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test,mpi,demo,bench]"
 	touch $@
 
-# The CPU kernels build (once, about 20 s) in a step of their own, before any progress bar.
+# The CPU kernels build (once, about a minute) in a step of their own, before any progress bar.
 kernels: $(VENV)/.installed
 	$(BIN)/python -c "import syncbn.kernels as k; print('syncbn: CPU kernels', 'ready' if k.available() else 'unavailable')"
 

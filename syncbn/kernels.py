@@ -78,7 +78,7 @@ def available() -> bool:
         folder = Path(_get_build_directory(_NAME, verbose=False))
         building = not (folder / f"{_NAME}.so").exists()
         if building:
-            print(f"syncbn: building the CPU kernels once, in {folder} (about 20 s)", file=sys.stderr, flush=True)
+            print(f"syncbn: building the CPU kernels once, in {folder} (about a minute)", file=sys.stderr, flush=True)
         started = time.perf_counter()
         with _own_ninja():
             load(

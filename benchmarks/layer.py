@@ -1,8 +1,8 @@
 """Layer benchmark: forward+backward of one BatchNorm layer, every variant side by side.
 
 * compute: the SyncBatchNorm layer synchronized over a world of 2 whose all-reduce does
-  nothing, against local ``nn.BatchNorm`` on the same tensor, so the ratio is pure compute
-  (Python included), at 1 and 2 intra-op threads (and all cores where there are more), in
+  nothing, against local ``nn.BatchNorm`` on the same tensor, so the ratio is the layer's
+  own cost, Python included, without the network's, at 1 and 2 intra-op threads (and all cores where there are more), in
   float32, bfloat16 and float16, NCHW and channels_last; once with the fused CPU kernels
   and once with stock ops only (what runs without a compiler). Alongside: the layer with
   no group and in eval mode (both plain BatchNorm underneath), and the memory floor: the
@@ -227,10 +227,10 @@ def compute_path(config) -> list[dict]:
                 steps["nn.BatchNorm eval"] = _eval(_local_bn(shape), x)
                 steps["syncbn eval"] = _eval(SyncBatchNorm(shape[1]), x)
             steps = {name: _faults(step) for name, step in steps.items()}
-            # Smaller tensors get 2**22 / numel times the rounds, so that every case runs about
-            # as long: 21 calls of a 1 ms step were over in a blink, and a moment's noise
-            # moved a median.
-            samples = time_interleaved(steps, config["reps"] * max(1, 2**22 // x.numel()))
+            # Smaller tensors get 2**22 / numel times the rounds (16 at most), so that every
+            # case runs about as long: 21 calls of a 1 ms step were over in a blink, and a
+            # moment's noise moved a median.
+            samples = time_interleaved(steps, config["reps"] * min(16, max(1, 2**22 // x.numel())))
             faults = {name: sum(step.faults) / len(step.faults) for name, step in steps.items()}
             extra = {"dtype": str(dtype).removeprefix("torch."), "threads": threads, "minor_faults_per_call": faults}
             rows.append(_row(shape, cl, samples, base="nn.BatchNorm", extra=extra))

@@ -175,7 +175,9 @@ def test_cpp_step_errors_keep_their_type():
     assert world.calls == 0  # raised before any collective
     for check_finite in (False, True):
         with pytest.raises(ValueError, match="got 1; this rank's input size \\[1, 3\\]"):
-            torch.ops.syncbn_cpu.step(torch.randn(1, 3), None, None, None, None, None, 0.1, 1e-5, "local", check_finite)
+            torch.ops.syncbn_cpu.step(
+                torch.randn(1, 3), None, None, None, None, None, 0.1, 1e-5, comm.key(comm.LocalComm()), check_finite
+            )
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "2d"])

@@ -649,10 +649,8 @@ at::Tensor backward_apply(const at::Tensor& grad_output, const at::Tensor& input
 }
 
 // The sum of a message over the communicator that syncbn.comm named `comm`, through the
-// syncbn::all_reduce op that syncbn/comm.py defines and implements; "local" is the world of
-// one process.
+// syncbn::all_reduce op that syncbn/comm.py defines and implements.
 at::Tensor all_reduce(const at::Tensor& message, const std::string& comm) {
-  if (comm == "local") return message;
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("syncbn::all_reduce", "")
                              .typed<at::Tensor(const at::Tensor&, c10::string_view)>();
@@ -680,12 +678,11 @@ struct Step : torch::autograd::Function<Step> {
     // Before any collective, so that every rank raises alike and none waits on another.
     TORCH_CHECK(!running_mean || (running_var && num_batches_tracked),
                 "expected running_var and num_batches_tracked with running_mean");
-    at::Tensor stats = all_reduce(moments(input), comm);
-    if (finite) {  // the count's checks first, naming this rank's input as they do without it
-      check_count(checked_sums(stats, 2 * input.size(1) + 1, "stats")[0], &input);
-      stats = check_finite(stats);
-    }
+    const at::Tensor stats = all_reduce(moments(input), comm);
+    // forward_apply checks the count first, naming this rank's input; the non-finite check
+    // comes after it and before the running stats move.
     auto [output, mean, invstd] = forward_apply(input, stats, weight, bias, eps);
+    if (finite) check_finite(stats);
     if (running_mean) update_running_stats(*running_mean, *running_var, *num_batches_tracked, stats, momentum);
     ctx->save_for_backward({input, weight.value_or(at::Tensor()), stats, mean, invstd});
     ctx->saved_data["comm"] = comm;

@@ -8,7 +8,7 @@ figure to results/gpu.json, with the GPU's name and the torch and CUDA versions.
 1. Equivalence on one GPU, against nn.BatchNorm on the concatenated batch, with the CPU
    suite's tolerances: 2 ranks over Gloo with CUDA tensors, and a 1-rank NCCL group
    driving the synchronized path. fp32/fp64, channels_last, uneven and empty batches,
-   running stats; fp16/bf16 under autocast.
+   running stats, no affine parameters and no bias; fp16/bf16 under autocast.
 2. Speed of the compute path, fwd+bwd at ResNet-50's BN shapes (batch 32), fp32 and bf16:
    syncbn synchronized through a 2-rank communicator whose all-reduce is a no-op, torch's
    SyncBatchNorm autograd Function on a 1-rank NCCL group, and nn.BatchNorm2d; CUDA
@@ -61,8 +61,12 @@ def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (actual.double() - expected.double()).abs().max().item()
 
 
-def equivalence_case(rank, world, group, dtype, channels_last, device="cuda") -> dict:
-    """One case of the spec on this rank: y, dx, summed dweight/dbias, running stats, eval."""
+def equivalence_case(rank, world, group, dtype, channels_last, device="cuda", params="affine") -> dict:
+    """One case of the spec on this rank: y, dx, summed dweight/dbias, running stats, eval.
+
+    ``params``: "affine", "no affine" (no weight, no bias) or "no bias" (a weight alone,
+    against a reference whose bias stays zero).
+    """
     sizes = SIZES[world]
     mine = _rank_slice(sizes, rank)
     g = torch.Generator().manual_seed(0)
@@ -70,8 +74,11 @@ def equivalence_case(rank, world, group, dtype, channels_last, device="cuda") ->
     dy = torch.randn(x.shape, generator=g, dtype=torch.float64).to(device, dtype)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x, dy = x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt)
-    ref = nn.BatchNorm2d(5).to(device, dtype)
-    sync = SyncBatchNorm(5, process_group=group).to(device, dtype)
+    ref = nn.BatchNorm2d(5, affine=params != "no affine").to(device, dtype)
+    sync = SyncBatchNorm(5, affine=params != "no affine", bias=params != "no bias", process_group=group)
+    sync = sync.to(device, dtype)
+    if ref.affine:
+        ref.bias.requires_grad_(params != "no bias")
     errors: dict[str, float] = {}
     for _ in range(2):  # the second step starts from updated running stats
         xr, xs = x.clone().requires_grad_(), x[mine].clone().requires_grad_()
@@ -80,13 +87,16 @@ def equivalence_case(rank, world, group, dtype, channels_last, device="cuda") ->
         y_ref, y = ref(xr), sync(xs)
         y_ref.backward(dy)
         y.backward(dy[mine])
-        grads = torch.cat([sync.weight.grad, sync.bias.grad])
+        grads = [p.grad for p in sync.parameters()]
+        grads = torch.cat(grads) if grads else torch.zeros(0, device=device, dtype=dtype)
         if world > 1:
             resolve(group).all_reduce_(grads)  # DDP's sum of the ranks' gradients
+        expected = [p.grad for p in ref.parameters() if p.requires_grad]
+        expected = torch.cat(expected) if expected else torch.zeros(0, device=device, dtype=dtype)
         for name, a, e in [
             ("y", y, y_ref[mine]),
             ("dx", xs.grad, xr.grad[mine]),
-            ("dweight, dbias", grads, torch.cat([ref.weight.grad, ref.bias.grad])),
+            ("dweight, dbias", grads, expected),
             ("running_mean", sync.running_mean, ref.running_mean),
             ("running_var", sync.running_var, ref.running_var),
         ]:
@@ -96,7 +106,7 @@ def equivalence_case(rank, world, group, dtype, channels_last, device="cuda") ->
     with torch.no_grad():
         errors["eval"] = max_error(sync.eval()(x[mine]), ref.eval()(x)[mine])
     ok = max(errors.values()) <= ATOL[dtype]
-    return {"dtype": str(dtype), "channels_last": channels_last, "errors": errors, "ok": ok}
+    return {"dtype": str(dtype), "channels_last": channels_last, "params": params, "errors": errors, "ok": ok}
 
 
 def autocast_case(rank, world, group, dtype, device="cuda") -> dict:
@@ -124,6 +134,8 @@ def equivalence(rank, world, group, device="cuda") -> list[dict]:
     for dtype in (torch.float64, torch.float32):
         for channels_last in (False, True):
             rows.append(equivalence_case(rank, world, group, dtype, channels_last, device))
+    for params in ("no affine", "no bias"):
+        rows.append(equivalence_case(rank, world, group, torch.float32, False, device, params))
     if device == "cuda":
         rows += [autocast_case(rank, world, group, dtype) for dtype in (torch.float16, torch.bfloat16)]
     return rows

@@ -100,13 +100,15 @@ def test_gpu_check_helpers_on_cpu(monkeypatch):
     import gpu_check
 
     rows = gpu_check.equivalence(0, 1, gpu_check.NoOpComm(), device="cpu")
-    assert len(rows) == 4 and all(row["ok"] for row in rows), rows
+    assert len(rows) == 6 and all(row["ok"] for row in rows), rows
+    assert {row["params"] for row in rows} == {"affine", "no affine", "no bias"}
 
     class HalfComm(gpu_check.NoOpComm):
         def all_reduce_(self, tensor):
             tensor.mul_(0.5)
 
-    assert not gpu_check.equivalence_case(0, 1, HalfComm(), torch.float64, False, device="cpu")["ok"]
+    for params in ("affine", "no affine", "no bias"):
+        assert not gpu_check.equivalence_case(0, 1, HalfComm(), torch.float64, False, "cpu", params)["ok"]
     assert sum(c * s * s for c, s in gpu_check.RESNET50_BN) > 0 and len(gpu_check.RESNET50_BN) == 12
 
 

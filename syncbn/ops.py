@@ -76,8 +76,9 @@ def _impl(t: Tensor):
 
 def _check_stats(stats: Tensor, input_shape: list[int] | None, check_finite: bool) -> None:
     if stats.is_cuda:
-        torch._assert_async(stats[0] == stats[0], _REJECTED)
-        torch._assert_async(stats[0] != 1, _ONE_VALUE + ")")
+        count = stats[0]
+        torch._assert_async(count == count, _REJECTED)
+        torch._assert_async(count != 1, _ONE_VALUE + ")")
     else:
         count = stats[0].item()
         if count != count:
@@ -185,9 +186,11 @@ class _Step(torch.autograd.Function):
     ):
         stats = _comm.all_reduce(comm, reference.moments(input))
         _check_stats(stats, input.shape, check_finite)
-        output, mean, invstd = reference.forward_apply(input, stats, weight, bias, eps)
+        count, global_mean, global_var = reference.mean_var(stats)
+        output, mean, invstd = reference.normalize(input, global_mean, global_var, weight, bias, eps)
         if running_mean is not None:
-            reference.update_running_stats(running_mean, running_var, num_batches_tracked, stats, momentum)
+            args = (running_mean, running_var, num_batches_tracked, count, global_mean, global_var, momentum)
+            reference.update_running_averages(*args)
         ctx.save_for_backward(input, weight, stats, mean, invstd)
         ctx.comm = comm
         return output

@@ -20,7 +20,9 @@ __all__ = [
     "mean_var",
     "moments",
     "forward_apply",
+    "normalize",
     "update_running_stats",
+    "update_running_averages",
     "backward_reduce",
     "backward_apply",
 ]
@@ -53,8 +55,8 @@ def _affine(input: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> tor
 
 def mean_var(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Count, mean and biased variance (clamped at 0) from float64 (n, Σx, Σx²)."""
-    count = stats[:1]
-    mean, square = (stats[1:].view(2, -1) / count.clamp(min=1)).unbind()
+    count, sums = stats.split([1, stats.numel() - 1])
+    mean, square = (sums.view(2, -1) / count.clamp(min=1)).unbind()
     return count, mean, torch.addcmul(square, mean, mean, value=-1).clamp_(min=0)
 
 
@@ -76,6 +78,12 @@ def moments(input: torch.Tensor) -> torch.Tensor:
 
 def forward_apply(input, stats, weight, bias, eps):
     _, mean, var = mean_var(stats)
+    return normalize(input, mean, var, weight, bias, eps)
+
+
+def normalize(input, mean, var, weight, bias, eps):
+    """forward_apply from `mean_var`'s float64 mean and variance, which the step shares with
+    the running-stat update: on CUDA every small op is a launch."""
     acc = acc_dtype(input)
     invstd = torch.rsqrt(var + eps).to(acc)
     mean = mean.to(acc)
@@ -89,15 +97,21 @@ def forward_apply(input, stats, weight, bias, eps):
 
 
 def update_running_stats(running_mean, running_var, num_batches_tracked, stats, momentum):
-    # Branch-free, so that a CUDA step never waits for the count: an empty global batch
-    # counts as a batch but moves the averages by a factor of 0.
+    update_running_averages(running_mean, running_var, num_batches_tracked, *mean_var(stats), momentum)
+
+
+def update_running_averages(running_mean, running_var, num_batches_tracked, count, mean, var, momentum):
+    """update_running_stats from `mean_var`'s count, mean and variance.
+
+    Branch-free, so that a CUDA step never waits for the count: an empty global batch
+    counts as a batch but moves the averages by a factor of 0.
+    """
     num_batches_tracked.add_(1)
-    count, mean, var = mean_var(stats)
-    unbiased = var * (count / (count - 1).clamp(min=1))
-    factor = num_batches_tracked.reciprocal().double() if momentum is None else count.new_full((1,), momentum)
-    factor = factor * (count > 0)
-    running_mean.lerp_(mean.to(running_mean.dtype), factor.to(running_mean.dtype))
-    running_var.lerp_(unbiased.to(running_var.dtype), factor.to(running_var.dtype))
+    dtype = running_mean.dtype
+    factor = count.gt(0).to(dtype)
+    factor = factor.div_(num_batches_tracked) if momentum is None else factor.mul_(momentum)
+    running_mean.lerp_(mean.to(dtype), factor)
+    running_var.lerp_(var.mul(count / (count - 1).clamp(min=1)).to(dtype), factor)
 
 
 def backward_reduce(grad_output, input, mean, invstd):

@@ -3,7 +3,9 @@
 Each function keeps the contract of the op of the same name in `syncbn.ops`, with stock
 PyTorch ops only. It runs where the C++ kernels do not: on CUDA (through torch's fused CUDA
 batch-norm kernels where they exist), and on the CPU when the kernels cannot be built or
-``SYNCBN_CPU_KERNELS=0``. The tests compare the C++ kernels against it.
+``SYNCBN_CPU_KERNELS=0``. The tests compare the C++ kernels against it. The step itself
+calls `mean_var` once and then `normalize` and `update_running_averages`, the two halves of
+forward_apply and update_running_stats, so that the float64 per-channel math runs once.
 
 Per-rank statistics come from torch's own kernels as float32 (or float64) mean and biased
 variance and are packed as float64 (n, n·mean, n·(var + mean²)); summed across ranks, that

@@ -2,12 +2,12 @@
 
 * compute: the SyncBatchNorm layer synchronized over a world of 2 whose all-reduce does
   nothing, against local ``nn.BatchNorm`` on the same tensor, so the ratio is the layer's
-  own cost, Python included, without the network's, at 1 and 2 intra-op threads (and all cores where there are more), in
-  float32, bfloat16 and float16, NCHW and channels_last; once with the fused CPU kernels
-  and once with stock ops only (what runs without a compiler). Alongside: the layer with
-  no group and in eval mode (both plain BatchNorm underneath), and the memory floor: the
-  8 passes over the tensor that a training step must make (3 forward, 5 backward), timed
-  as 4 copies of it;
+  own cost, Python included, without the network's, at 1 and 2 intra-op threads (and all
+  cores where there are more), in float32, bfloat16 and float16, NCHW and channels_last;
+  once with the fused CPU kernels and once with stock ops only (what runs without a
+  compiler). Alongside: the layer with no group and in eval mode (both plain BatchNorm
+  underneath), and the memory floor: the 8 passes over the tensor that a training step
+  must make (3 forward, 5 backward), timed as 4 copies of it;
 * W=2 Gloo ranks, 1 thread each: syncbn against local BatchNorm plus the two bare
   all-reduces of its messages (2C+1 and 2C float64 numbers), and a textbook SyncBN (a
   differentiable all-reduce of [mean, E[x²]]·n through generic autograd ops, as

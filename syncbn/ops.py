@@ -189,8 +189,9 @@ class _Step(torch.autograd.Function):
         count, global_mean, global_var = reference.mean_var(stats)
         output, mean, invstd = reference.normalize(input, global_mean, global_var, weight, bias, eps)
         if running_mean is not None:
-            args = (running_mean, running_var, num_batches_tracked, count, global_mean, global_var, momentum)
-            reference.update_running_averages(*args)
+            reference.update_running_averages(
+                running_mean, running_var, num_batches_tracked, count, global_mean, global_var, momentum
+            )
         ctx.save_for_backward(input, weight, stats, mean, invstd)
         ctx.comm = comm
         return output

@@ -47,6 +47,7 @@ __all__ = [
     "tracing",
     "key",
     "traced_all_reduce",
+    "all_reduce_by_key",
     "new_groups",
     "torch_group",
     "clone_group",
@@ -255,20 +256,21 @@ def _functional_all_reduce(tensor: torch.Tensor, group_name: str) -> torch.Tenso
     return funcol.wait_tensor(torch.ops._c10d_functional.all_reduce(tensor, "sum", group_name))
 
 
-# syncbn::all_reduce: the sum over the communicator that `key` named, as an op. Eager C++
-# steps call it (syncbn.ops), and compiled graphs keep it whole for MPI and the caller's own
-# communicators. A plain Python kernel: torch.library.custom_op's wrappers cost about 0.13 ms
-# a call, twice a step, more than a quarter of a (256, 1024) layer's fwd+bwd.
+# syncbn::all_reduce: the sum over the communicator that `key` named, as an op, which compiled
+# graphs keep whole for MPI and the caller's own communicators. A plain Python kernel:
+# torch.library.custom_op's wrappers cost about 0.13 ms a call, twice a layer's step.
 _lib = torch.library.Library("syncbn", "FRAGMENT")
 _lib.define("all_reduce(Tensor tensor, str comm) -> Tensor")
 
 
-def _all_reduce_by_key(tensor: torch.Tensor, comm: str) -> torch.Tensor:
-    # A kernel runs on real tensors only: never while tracing.
+def all_reduce_by_key(tensor: torch.Tensor, comm: str) -> torch.Tensor:
+    """The sum of ``tensor`` over the communicator that `key` named ``comm``, as a new tensor:
+    the kernel of syncbn::all_reduce and the collective of the eager C++ step. Real tensors
+    only, never while tracing."""
     return _summed(_by_key[comm], tensor)
 
 
-_lib.impl("all_reduce", _all_reduce_by_key, "CompositeExplicitAutograd")
+_lib.impl("all_reduce", all_reduce_by_key, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("syncbn::all_reduce", lib=_lib)

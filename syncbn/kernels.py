@@ -7,6 +7,9 @@ starts and one as it ends. When they cannot be built syncbn warns once and the o
 stock PyTorch ops (`syncbn.reference`): the same results, more slowly.
 ``SYNCBN_CPU_KERNELS=0`` chooses stock ops without a warning. ``syncbn.kernels.available()``
 builds them ahead of time.
+
+The build is a Python module too (`extension`), whose ``step`` is the eager training step:
+called through pybind11, not as an op, to spare it the dispatcher's boxed call from Python.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
-__all__ = ["available"]
+__all__ = ["available", "extension"]
 
 _SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 # AVX2 code only where torch itself runs AVX2 code, under its own cache name, so that a cache
@@ -66,11 +70,16 @@ def _own_ninja() -> Iterator[None]:
         os.environ["PATH"] = path
 
 
-@functools.cache
 def available() -> bool:
     """Whether ``torch.ops.syncbn_cpu`` is loaded, building it first if it is not cached yet."""
+    return extension() is not None
+
+
+@functools.cache
+def extension() -> ModuleType | None:
+    """The loaded kernels' Python module (see the module's docstring), or None without them."""
     if os.environ.get("SYNCBN_CPU_KERNELS", "1") == "0":
-        return False
+        return None
     try:
         from torch.utils.cpp_extension import _get_build_directory, load
 
@@ -81,17 +90,11 @@ def available() -> bool:
             print(f"syncbn: building the CPU kernels once, in {folder} (about a minute)", file=sys.stderr, flush=True)
         started = time.perf_counter()
         with _own_ninja():
-            load(
-                name=_NAME,
-                sources=[str(_SOURCE)],
-                extra_cflags=_FLAGS,
-                extra_ldflags=["-fopenmp"],
-                is_python_module=False,
-            )
+            module = load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"])
         if building:
             print(f"syncbn: CPU kernels built in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     except Exception as error:  # no compiler, no ninja, read-only cache: the stock path still works
         message = f"syncbn: CPU kernels unavailable, using stock ops (slower): {error}"
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
-        return False
-    return True
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        return None
+    return module

@@ -12,12 +12,15 @@ per kernel:
   (Σdy, Σdy·(x − mean)), all-reduced, and the local weight and bias gradients;
 * ``backward_apply``: one read of dy and x, one write of dx.
 
-`batch_norm` is the step, forward and backward. Eagerly on the CPU it is one op,
-``syncbn_cpu::step``, whose autograd is C++ too (csrc/cpu_kernels.cpp): its two
-all-reduces call ``syncbn::all_reduce``, the op of `syncbn.comm`, by the communicator's
-key. A Python autograd.Function over the same kernels cost 0.12–0.15 ms more a step, in
-``apply`` and in the engine's Python node: 15–17% of nn.BatchNorm1d's fwd+bwd on a
-(256, 1024) tensor. Elsewhere (CUDA, or no compiler) the step is `_Step`: one
+`batch_norm` is the step, forward and backward. Eagerly on the CPU it is one C++ call,
+the extension's ``step``, whose autograd is C++ too (csrc/cpu_kernels.cpp): its two
+all-reduces call `syncbn.comm.all_reduce_by_key` with the communicator's key. A Python
+autograd.Function over the same kernels cost 0.12–0.15 ms more a step, in ``apply`` and in
+the engine's Python node: 15–17% of nn.BatchNorm1d's fwd+bwd on a (256, 1024) tensor.
+Calling the step through pybind11 rather than as a torch.ops op, and the all-reduce as a
+Python function rather than as the ``syncbn::all_reduce`` op, took another 24–30 µs off a
+step (a world of 2 whose all-reduce does nothing, interleaved: 0.85× at (2, 4), 0.93× at
+(256, 1024)). Elsewhere (CUDA, or no compiler) the step is `_Step`: one
 autograd.Function over stock ops (`syncbn.reference`), which the tests also hold the C++
 step against.
 
@@ -42,6 +45,8 @@ waits for the GPU.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
@@ -178,7 +183,7 @@ def _weight_grads(ctx, weight, grad_weight, grad_bias):
 
 class _Step(torch.autograd.Function):
     """The whole step eagerly on stock ops (`syncbn.reference`), in one Function: the
-    fallback, CUDA, and the oracle of the C++ step (``syncbn_cpu::step``)."""
+    fallback, CUDA, and the oracle of the C++ step (`_cpu_step`)."""
 
     @staticmethod
     def forward(
@@ -251,6 +256,14 @@ class _TracedForwardApply(torch.autograd.Function):
         return grad_input, *_weight_grads(ctx, weight, grad_weight, grad_bias), *[None] * 3
 
 
+@functools.cache
+def _cpu_step():
+    """The C++ eager step (``syncbn_cpu`` module), its collective wired to `syncbn.comm`."""
+    extension = kernels.extension()
+    extension.set_all_reduce(_comm.all_reduce_by_key)
+    return extension.step
+
+
 def batch_norm(
     input: Tensor,
     weight: Tensor | None,
@@ -270,7 +283,7 @@ def batch_norm(
     """
     if not _comm.tracing():
         if input.is_cpu and kernels.available():
-            return torch.ops.syncbn_cpu.step(
+            return _cpu_step()(
                 input,
                 weight,
                 bias,

@@ -95,7 +95,7 @@ def test_kernels_equal_the_stock_op_oracle(layout, dtype):
 
 class _SilentWorld:
     """A world of 2 whose all-reduce does nothing: the synchronized step in one process, its
-    all-reduces through the syncbn::all_reduce op. ``fail_at`` makes that call raise."""
+    all-reduces through `syncbn.comm`. ``fail_at`` makes that call raise."""
 
     world_size, rank = 2, 0
 
@@ -109,13 +109,13 @@ class _SilentWorld:
 
 
 def _training_step(cpp: bool, x, dy, weight, bias, buffers, momentum, world, check_finite=False):
-    """Forward and backward of the whole eager step: the C++ op or the stock-op Function."""
+    """Forward and backward of the whole eager step: the C++ step or the stock-op Function."""
     x = x.clone().requires_grad_()
     weight, bias = (None if p is None else p.clone().requires_grad_() for p in (weight, bias))
     buffers = [None] * 3 if buffers is None else [b.clone() for b in buffers]
     args = (x, weight, bias, *buffers, momentum, 1e-5)
     if cpp:
-        y = torch.ops.syncbn_cpu.step(*args, comm.key(world), check_finite)
+        y = ops._cpu_step()(*args, comm.key(world), check_finite)
     else:
         y = ops._Step.apply(*args, world, check_finite)
     y.backward(dy)
@@ -129,7 +129,7 @@ VARIANTS = ["affine", "no affine", "no bias", "momentum=None", "no running stats
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["2d", "nchw", "channels_last", "channels_last_3d"])
 def test_cpp_step_equals_the_stock_step(layout, dtype, variant):
-    """``syncbn_cpu::step``, the eager CPU step with its C++ autograd, against `ops._Step` on
+    """The eager CPU step with its C++ autograd (`ops._cpu_step`) against `ops._Step` on
     stock ops: output, every gradient, the running stats, and both all-reduces made."""
     _requires_kernels()
     x, dy = _inputs(layout, dtype)
@@ -171,11 +171,11 @@ def test_cpp_step_errors_keep_their_type():
     assert not buffers[0].any() and buffers[2].item() == 0
     world = _SilentWorld()
     with pytest.raises(RuntimeError, match="expected running_var and num_batches_tracked with running_mean"):
-        torch.ops.syncbn_cpu.step(x, None, None, buffers[0], None, None, 0.1, 1e-5, comm.key(world), False)
+        ops._cpu_step()(x, None, None, buffers[0], None, None, 0.1, 1e-5, comm.key(world), False)
     assert world.calls == 0  # raised before any collective
     for check_finite in (False, True):
         with pytest.raises(ValueError, match="got 1; this rank's input size \\[1, 3\\]"):
-            torch.ops.syncbn_cpu.step(
+            ops._cpu_step()(
                 torch.randn(1, 3), None, None, None, None, None, 0.1, 1e-5, comm.key(comm.LocalComm()), check_finite
             )
 
@@ -307,7 +307,7 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
     monkeypatch.delenv("SYNCBN_CPU_KERNELS", raising=False)
-    kernels.available.cache_clear()
+    kernels.extension.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="CPU kernels unavailable, using stock ops.*no C\\+\\+ compiler"):
             assert not kernels.available()
@@ -316,7 +316,7 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
             assert not kernels.available()
             assert ops._impl(torch.randn(2, 3)) is reference
     finally:
-        kernels.available.cache_clear()
+        kernels.extension.cache_clear()
 
 
 def test_a_build_says_when_it_starts_and_ends(tmp_path, monkeypatch):

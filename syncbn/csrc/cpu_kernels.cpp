@@ -35,6 +35,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
+#include <torch/python.h>
 
 #if defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
@@ -648,13 +649,18 @@ at::Tensor backward_apply(const at::Tensor& grad_output, const at::Tensor& input
   return apply(input, l, &dy, m, p, q, r);
 }
 
-// The sum of a message over the communicator that syncbn.comm named `comm`, through the
-// syncbn::all_reduce op that syncbn/comm.py defines and implements.
+// The step's collective: syncbn/comm.py's all-reduce by name, handed over once by
+// syncbn/ops.py (set_all_reduce). Never freed, so that no Python object is released after
+// the interpreter has gone.
+py::object* all_reduce_by_key = nullptr;
+
+// The sum of a message over the communicator that syncbn.comm named `comm`. Called straight
+// through pybind11: the same call through the syncbn::all_reduce op (dispatcher, boxing and
+// a Python kernel) cost about 5 us more, twice a step.
 at::Tensor all_reduce(const at::Tensor& message, const std::string& comm) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("syncbn::all_reduce", "")
-                             .typed<at::Tensor(const at::Tensor&, c10::string_view)>();
-  return op.call(message, comm);
+  TORCH_CHECK(all_reduce_by_key, "syncbn's C++ step has no all-reduce: call set_all_reduce first");
+  py::gil_scoped_acquire gil;
+  return (*all_reduce_by_key)(message, comm).cast<at::Tensor>();
 }
 
 // syncbn::check_finite's Python kernel raises FloatingPointError on every rank.
@@ -713,22 +719,20 @@ struct Step : torch::autograd::Function<Step> {
 at::Tensor step(const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                 const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
                 const std::optional<at::Tensor>& num_batches_tracked, std::optional<double> momentum, double eps,
-                c10::string_view comm, bool check_finite) {
-  return Step::apply(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                     std::string(comm), check_finite);
+                const std::string& comm, bool check_finite) {
+  return Step::apply(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, comm,
+                     check_finite);
 }
 
 }  // namespace
 
-// The eager step and its kernels, called from syncbn/ops.py and the tests; schemas inferred
-// from the signatures.
+// The kernels as ops, for syncbn/ops.py and the tests; schemas inferred from the signatures.
 TORCH_LIBRARY(syncbn_cpu, m) {
   m.def("moments", &moments);
   m.def("forward_apply", &forward_apply);
   m.def("update_running_stats", &update_running_stats);
   m.def("backward_reduce", &backward_reduce);
   m.def("backward_apply", &backward_apply);
-  m.def("step", &step);
 }
 
 // The public syncbn:: ops' CPU kernels (syncbn/ops.py defines the ops and imports first), so
@@ -738,4 +742,13 @@ TORCH_LIBRARY_IMPL(syncbn, CPU, m) {
   m.impl("statistics", &statistics);
   m.impl("update_running_stats", &update_running_stats);
   m.impl("backward_reduce", &backward_reduce);
+}
+
+// The eager step, called from syncbn/ops.py through pybind11 rather than as an op: the
+// dispatcher's boxed call from Python (its arguments parsed against the schema) cost about
+// 10 us more a step. The GIL is released while it runs, as torch's own ops do; the
+// all-reduce takes it back.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("set_all_reduce", [](py::object f) { all_reduce_by_key = new py::object(std::move(f)); });
+  m.def("step", &step, py::call_guard<py::gil_scoped_release>());
 }

@@ -47,7 +47,7 @@ __all__ = [
     "tracing",
     "key",
     "traced_all_reduce",
-    "all_reduce_by_key",
+    "all_reduce_by_key_",
     "new_groups",
     "torch_group",
     "clone_group",
@@ -263,14 +263,21 @@ _lib = torch.library.Library("syncbn", "FRAGMENT")
 _lib.define("all_reduce(Tensor tensor, str comm) -> Tensor")
 
 
-def all_reduce_by_key(tensor: torch.Tensor, comm: str) -> torch.Tensor:
-    """The sum of ``tensor`` over the communicator that `key` named ``comm``, as a new tensor:
-    the kernel of syncbn::all_reduce and the collective of the eager C++ step. Real tensors
-    only, never while tracing."""
+def _all_reduce_by_key(tensor: torch.Tensor, comm: str) -> torch.Tensor:
+    # A kernel runs on real tensors only: never while tracing.
     return _summed(_by_key[comm], tensor)
 
 
-_lib.impl("all_reduce", all_reduce_by_key, "CompositeExplicitAutograd")
+_lib.impl("all_reduce", _all_reduce_by_key, "CompositeExplicitAutograd")
+
+
+def all_reduce_by_key_(tensor: torch.Tensor, comm: str) -> torch.Tensor:
+    """Sum ``tensor`` in place over the communicator that `key` named ``comm``, and return it:
+    the collective of the eager C++ step, whose messages are its own, so that none is copied
+    first (0.02-0.04 ms a step with a no-op world of 2). Real tensors only, never while
+    tracing."""
+    _by_key[comm].all_reduce_(tensor)
+    return tensor
 
 
 @torch.library.register_fake("syncbn::all_reduce", lib=_lib)

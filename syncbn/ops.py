@@ -14,7 +14,7 @@ per kernel:
 
 `batch_norm` is the step, forward and backward. Eagerly on the CPU it is one C++ call,
 the extension's ``step``, whose autograd is C++ too (csrc/cpu_kernels.cpp): its two
-all-reduces call `syncbn.comm.all_reduce_by_key` with the communicator's key. A Python
+all-reduces call `syncbn.comm.all_reduce_by_key_` with the communicator's key. A Python
 autograd.Function over the same kernels cost 0.12–0.15 ms more a step, in ``apply`` and in
 the engine's Python node: 15–17% of nn.BatchNorm1d's fwd+bwd on a (256, 1024) tensor.
 Calling the step through pybind11 rather than as a torch.ops op, and the all-reduce as a
@@ -260,7 +260,7 @@ class _TracedForwardApply(torch.autograd.Function):
 def _cpu_step():
     """The C++ eager step (``syncbn_cpu`` module), its collective wired to `syncbn.comm`."""
     extension = kernels.extension()
-    extension.set_all_reduce(_comm.all_reduce_by_key)
+    extension.set_all_reduce(_comm.all_reduce_by_key_)
     return extension.step
 
 

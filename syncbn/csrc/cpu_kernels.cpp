@@ -649,14 +649,15 @@ at::Tensor backward_apply(const at::Tensor& grad_output, const at::Tensor& input
   return apply(input, l, &dy, m, p, q, r);
 }
 
-// The step's collective: syncbn/comm.py's all-reduce by name, handed over once by
+// The step's collective: syncbn/comm.py's in-place all-reduce by name, handed over once by
 // syncbn/ops.py (set_all_reduce). Never freed, so that no Python object is released after
 // the interpreter has gone.
 py::object* all_reduce_by_key = nullptr;
 
-// The sum of a message over the communicator that syncbn.comm named `comm`. Called straight
-// through pybind11: the same call through the syncbn::all_reduce op (dispatcher, boxing and
-// a Python kernel) cost about 5 us more, twice a step.
+// The sum of a message of the step's own over the communicator that syncbn.comm named
+// `comm`, in place. Called straight through pybind11: the same call through the
+// syncbn::all_reduce op (dispatcher, boxing and a Python kernel) cost about 5 us more, twice
+// a step.
 at::Tensor all_reduce(const at::Tensor& message, const std::string& comm) {
   TORCH_CHECK(all_reduce_by_key, "syncbn's C++ step has no all-reduce: call set_all_reduce first");
   py::gil_scoped_acquire gil;

@@ -656,7 +656,7 @@ py::object* all_reduce_by_key = nullptr;
 
 // The sum of a message of the step's own over the communicator that syncbn.comm named
 // `comm`, in place. Called straight through pybind11: the same call through the
-// syncbn::all_reduce op (dispatcher, boxing and a Python kernel) cost about 5 us more, twice
+// syncbn::all_reduce op (dispatcher, boxing and a Python kernel) cost about 4 us more, twice
 // a step.
 at::Tensor all_reduce(const at::Tensor& message, const std::string& comm) {
   TORCH_CHECK(all_reduce_by_key, "syncbn's C++ step has no all-reduce: call set_all_reduce first");
@@ -747,7 +747,7 @@ TORCH_LIBRARY_IMPL(syncbn, CPU, m) {
 
 // The eager step, called from syncbn/ops.py through pybind11 rather than as an op: the
 // dispatcher's boxed call from Python (its arguments parsed against the schema) cost about
-// 10 us more a step. The GIL is released while it runs, as torch's own ops do; the
+// 14 us more a step. The GIL is released while it runs, as torch's own ops do; the
 // all-reduce takes it back.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_all_reduce", [](py::object f) { all_reduce_by_key = new py::object(std::move(f)); });

@@ -19,7 +19,7 @@ def test_layer_benchmark_quick(tmp_path):
         assert all(ms > 0 for ms in row["median_ms"].values())
     threads = {row["threads"] for row in payload["compute_path"]}
     assert {1, 2} <= threads and {row["dtype"] for row in payload["compute_path"]} == {"float32", "bfloat16", "float16"}
-    assert all(row["ratio_to_budget"] > 0 for row in payload["gloo_w2"])
+    assert all(row["ratio_to_budget"] > 0 and row["ratio_to_budget_step"] > 0 for row in payload["gloo_w2"])
     assert "syncbn Gloo" in payload["gloo_w2"][0]["median_ms"]
     assert len(payload["sweep"]["Gloo"]["2"]) == 8  # 4 sweep shapes, NCHW and channels_last
     assert (tmp_path / "layer_sweep.png").stat().st_size > 0

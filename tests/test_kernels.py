@@ -300,6 +300,37 @@ def test_registered_ops_on_stock_ops_alone():
     assert result.returncode == 0 and "9 passed" in result.stdout, result.stdout + result.stderr
 
 
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_narrower_builds_equal_the_oracle(capability):
+    """The builds for CPUs narrower than this one (torch's CPU capability picks the build):
+    without vector code and with AVX2 only, each its own build, against the stock-op oracle
+    in a process where torch runs at that capability (ATEN_CPU_CAPABILITY)."""
+    _requires_kernels()
+    if capability == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("no AVX2 here")
+    tests = Path(__file__).parent / "test_kernels.py"
+    selected = [
+        f"{tests}::{name}"
+        for name in (
+            "test_kernels_build_here",
+            "test_kernels_equal_the_stock_op_oracle",
+            "test_cpp_step_equals_the_stock_step",
+            "test_results_do_not_depend_on_the_thread_count",
+        )
+    ]
+    check = f"import syncbn.kernels as k; assert k._CAPABILITY == {capability.upper()!r}, k._CAPABILITY"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    subprocess.run([sys.executable, "-c", check], env=env, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", *selected],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0 and " passed" in result.stdout, result.stdout + result.stderr
+
+
 def test_results_do_not_depend_on_the_thread_count():
     """Sums are taken in an order fixed by the shape (see csrc/cpu_kernels.cpp), so 1 and 2
     intra-op threads give bit-identical results in every layout."""

@@ -37,7 +37,9 @@
 #include <torch/library.h>
 #include <torch/python.h>
 
-#if defined(CPU_CAPABILITY_AVX2)
+// x86-64 with AVX2 at least: torch's AVX2 and AVX512 builds of ATen's `Vectorized`.
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#define SYNCBN_X86_AVX2
 #include <immintrin.h>
 #endif
 
@@ -169,7 +171,7 @@ const double* checked_sums(const at::Tensor& t, int64_t numel, const char* name)
   return t.const_data_ptr<double>();
 }
 
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(SYNCBN_X86_AVX2)
 // Four values at p as float64, widened in registers.
 inline __m256d load4(const double* p) { return _mm256_loadu_pd(p); }
 inline __m256d load4(const float* p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
@@ -187,7 +189,7 @@ inline __m256d load4(const at::BFloat16* p) {
 // registers per sum where the build has AVX2, plain arrays otherwise. The lanes are added
 // up in a fixed order by total().
 struct Lanes {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(SYNCBN_X86_AVX2)
   __m256d s[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
   __m256d t[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
 #endif
@@ -196,7 +198,7 @@ struct Lanes {
   template <bool kCentred, typename V>
   inline void add(const V* a, const V* b, double m, int64_t n) {
     int64_t i = 0;
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(SYNCBN_X86_AVX2)
     const __m256d mv = _mm256_set1_pd(m);
     for (; i + 16 <= n; i += 16) {
       for (int k = 0; k < 4; ++k) {
@@ -215,14 +217,15 @@ struct Lanes {
   }
 
   // Σa and Σa·(b − m) for float32 and half inputs, whose products float32 holds to one
-  // rounding: each lane adds eight values in float32 before they reach the float64 lanes,
-  // the order of the row sums' groups of eight rows. Half the widening and a quarter of
-  // the float64 adds of `add`, which bound the half-precision backward.
+  // rounding: each float32 lane adds eight values before they reach a float64 lane (the
+  // order of the row sums' groups of eight rows; 512-bit vectors hold two float32 lanes per
+  // float64 lane). Half the widening and a quarter of the float64 adds of `add`, which bound
+  // the half-precision backward.
   template <typename V>
   inline void add_centred_in_float(const V* a, const V* b, float m, int64_t n) {
     using FVec = at::vec::Vectorized<float>;
     constexpr int64_t kStep = 2 * FVec::size(), kRun = 8 * kStep;
-    static_assert(kStep == 16, "one float64 lane per float32 value of a step");
+    static_assert(kStep % 16 == 0, "whole float64 lanes per step");
     const auto load = [](const V* p) {
       if constexpr (std::is_same_v<V, float>) {
         return std::make_tuple(FVec::loadu(p), FVec::loadu(p + FVec::size()));
@@ -242,17 +245,19 @@ struct Lanes {
       }
       float fs[kStep], ft[kStep];
       s0.store(fs), s1.store(fs + FVec::size()), t0.store(ft), t1.store(ft + FVec::size());
+      for (int64_t h = 0; h < kStep; h += 16) {
 #pragma omp simd
-      for (int64_t j = 0; j < kStep; ++j) {
-        sl[j] += fs[j];
-        tl[j] += ft[j];
+        for (int64_t j = 0; j < 16; ++j) {
+          sl[j] += fs[h + j];
+          tl[j] += ft[h + j];
+        }
       }
     }
     add<true>(a + i, b + i, m, n - i);
   }
 
   void total(double& s_out, double& t_out) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(SYNCBN_X86_AVX2)
     for (int k = 0; k < 4; ++k) {
       double sv[4], tv[4];
       _mm256_storeu_pd(sv, s[k]);

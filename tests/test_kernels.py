@@ -353,6 +353,48 @@ def test_results_do_not_depend_on_the_thread_count():
             assert torch.equal(one, two), layout
 
 
+def _last_level_cache() -> int:
+    """The largest CPU cache as Linux reports it for cpu0 (what the kernels read), 0 if unknown."""
+    sizes = [0]
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip()
+        sizes.append(int(text.rstrip("KM")) << {"K": 10, "M": 20}.get(text[-1], 0))
+    return max(sizes)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_passes_past_the_cache_stream_their_output(layout):
+    """A float32 pass larger than the last-level cache, with an output under 32 MB, writes it
+    with streaming stores (csrc/cpu_kernels.cpp, `streams`): the same results as the oracle,
+    and on 1 and 2 threads alike. Planes of 57x57 values and rows of 67 channels start off
+    the 64-byte boundaries the stores need, so runs have a head and a tail."""
+    _requires_kernels()
+    cache = _last_level_cache()
+    if not 0 < cache < 2 * 31 << 20:
+        pytest.skip(f"no float32 pass streams with a last-level cache of {cache} bytes")
+    plane = 67 * 57 * 57
+    n = -(-int(0.55 * cache) // (4 * plane))  # the forward reads and writes 2 * 4 * n * plane bytes > cache
+    torch.manual_seed(0)
+    x = torch.randn(n, 67, 57, 57) * 3 + 1
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    dy, weight, bias = torch.randn_like(x), torch.rand(67) + 0.5, torch.randn(67)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(_step(torch.ops.syncbn_cpu, x, dy, weight, bias))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results, strict=True):
+        assert torch.equal(one, two)
+    stock = _step(reference, x, dy, weight, bias)
+    for name, got, expected in zip(["y", "dx"], results[0][1::6], stock[1::6], strict=True):
+        torch.testing.assert_close(got, expected, **_tolerance(torch.float32), msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_failed_build_warns_once_and_falls_back(monkeypatch):
     def no_compiler(*args, **kwargs):
         raise RuntimeError("no C++ compiler")

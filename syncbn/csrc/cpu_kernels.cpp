@@ -15,10 +15,11 @@
 //
 // Memory is walked in storage order: (n, c) planes when channels are outer (NC... contiguous),
 // rows of C values when they are innermost (channels_last, channels_last_3d, (N, C)). Other
-// strides are made dense first. Half and bfloat16 values are widened to float32 in
-// registers (the row sums widen a tile at a time on the stack, with ATen's vectorized
-// conversions); all arithmetic runs in float32 (float64 for float64 input), and the sums in
-// float64, the backward's products eight at a time in float32 first.
+// strides are made dense first. Float32 and float64 passes larger than the last-level cache
+// write their output with streaming stores (`streams`). Half and bfloat16 values are
+// widened to float32 in registers (the row sums widen a tile at a time on the stack, with
+// ATen's vectorized conversions); all arithmetic runs in float32 (float64 for float64
+// input), and the sums in float64, the backward's products eight at a time in float32 first.
 //
 // Thread count: elementwise passes write each output once, so they are exact on any number
 // of threads. Sums are taken in an order fixed by the shape alone: over (n, c) planes each
@@ -45,6 +46,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <fstream>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -488,8 +490,87 @@ inline void apply_run(const T* x, const T* dy, T* out, int64_t n, const opmath<T
   }
 }
 
+#if defined(SYNCBN_X86_AVX2)
+// The last-level cache's size as Linux reports it (what lscpu shows), 0 where unknown.
+// (glibc's sysconf reads it from cpuid, which in virtual machines can be off tenfold.)
+int64_t last_level_cache() {
+  int64_t largest = 0;
+  for (int i = 0;; ++i) {
+    std::ifstream file("/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/size");
+    int64_t size = 0;
+    std::string unit;
+    if (!(file >> size)) return largest;
+    file >> unit;
+    largest = std::max(largest, size << (unit == "K" ? 10 : unit == "M" ? 20 : 0));
+  }
+}
+
+// Whether an elementwise pass over float32 or float64 values, reading and writing `bytes`
+// in all and writing `out_bytes` of them, writes its output with streaming stores, which go
+// around the caches without first reading the output's lines: a third less memory traffic
+// for the forward's pass, a quarter less for the backward's. Only when the pass exceeds the
+// last-level cache, so that the output could not stay there anyway, and while the output
+// is under 32 MB: glibc maps larger blocks afresh at every allocation, and there ordinary
+// stores win (streaming took 1.03-1.19x as long at (64, 64, 56, 56)), presumably as the
+// kernel's zeroing of each new page leaves it in the cache. Half-precision passes are bound
+// by their conversions; streaming them took 1.04-1.26x as long.
+bool streams(int64_t bytes, int64_t out_bytes) {
+  static const int64_t cache = last_level_cache();
+  return cache > 0 && bytes > cache && out_bytes < (int64_t{32} << 20);
+}
+
+inline void stream(float* p, __m256 v) { _mm256_stream_ps(p, v); }
+inline void stream(double* p, __m256d v) { _mm256_stream_pd(p, v); }
+#if defined(CPU_CAPABILITY_AVX512)
+inline void stream(float* p, __m512 v) { _mm512_stream_ps(p, v); }
+inline void stream(double* p, __m512d v) { _mm512_stream_pd(p, v); }
+#endif
+
+// apply_run for float32 and float64 with streaming stores, from the output's first
+// vector-aligned value on (streaming stores must be aligned). The last vector and the
+// values before the first aligned one go through apply_run; where they fall depends on the
+// shape alone (ATen aligns every allocation to 64 bytes), so the thread count changes no bit.
+template <bool kPerValue, typename T>
+inline void apply_run_streamed(const T* x, const T* dy, T* out, int64_t n, const T* m, const T* p, const T* q,
+                               const T* r) {
+  using Vec = at::vec::Vectorized<T>;
+  const auto at = [](const T* c, int64_t i) { return kPerValue ? c + i : c; };
+  const auto v = [](const T* c, int64_t i) { return kPerValue ? Vec::loadu(c + i) : Vec(c[0]); };
+  const int64_t head = std::min<int64_t>(n, (-reinterpret_cast<uintptr_t>(out) % sizeof(Vec)) / sizeof(T));
+  if (head > 0) apply_run<kPerValue>(x, dy, out, head, m, p, q, r);
+  int64_t i = head;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    Vec o = v(p, i) * (Vec::loadu(x + i) - v(m, i));
+    if (dy) o = o + v(q, i) * Vec::loadu(dy + i);
+    stream(out + i, o + v(r, i));
+  }
+  if (i < n) apply_run<kPerValue>(x + i, dy ? dy + i : nullptr, out + i, n - i, at(m, i), at(p, i), at(q, i), at(r, i));
+}
+#endif
+
+// apply_run, or apply_run_streamed when kStream.
+template <bool kStream, bool kPerValue, typename T>
+inline void apply_run_to(const T* x, const T* dy, T* out, int64_t n, const opmath<T>* m, const opmath<T>* p,
+                         const opmath<T>* q, const opmath<T>* r) {
+#if defined(SYNCBN_X86_AVX2)
+  if constexpr (kStream) {
+    apply_run_streamed<kPerValue>(x, dy, out, n, m, p, q, r);
+    return;
+  }
+#endif
+  apply_run<kPerValue>(x, dy, out, n, m, p, q, r);
+}
+
+// Orders this thread's streaming stores before whatever reads the output next.
+template <bool kStream>
+inline void fence() {
+#if defined(SYNCBN_X86_AVX2)
+  if constexpr (kStream) _mm_sfence();
+#endif
+}
+
 // out = p[c]·(x − m[c]) + q[c]·dy + r[c] per value, in opmath; without dy when dy is null.
-template <typename T>
+template <typename T, bool kStream>
 void apply_kernel(const Layout& l, const T* x, const T* dy, const std::vector<double>& m64,
                   const std::vector<double>& p64, const std::vector<double>& q64, const std::vector<double>& r64,
                   T* out) {
@@ -502,8 +583,10 @@ void apply_kernel(const Layout& l, const T* x, const T* dy, const std::vector<do
     at::parallel_for(0, l.N * C, grain, [&](int64_t begin, int64_t end) {
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t c = plane % C, base = plane * l.inner;
-        apply_run<false>(x + base, dy ? dy + base : nullptr, out + base, l.inner, &m[c], &p[c], &q[c], &r[c]);
+        apply_run_to<kStream, false>(x + base, dy ? dy + base : nullptr, out + base, l.inner, &m[c], &p[c], &q[c],
+                                     &r[c]);
       }
+      fence<kStream>();
     });
     return;
   }
@@ -520,8 +603,10 @@ void apply_kernel(const Layout& l, const T* x, const T* dy, const std::vector<do
   at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       const int64_t off = g * width, span = (std::min(rows, (g + 1) * group) - g * group) * C;
-      apply_run<true>(x + off, dy ? dy + off : nullptr, out + off, span, mg.data(), pg.data(), qg.data(), rg.data());
+      apply_run_to<kStream, true>(x + off, dy ? dy + off : nullptr, out + off, span, mg.data(), pg.data(),
+                                  qg.data(), rg.data());
     }
+    fence<kStream>();
   });
 }
 
@@ -544,8 +629,15 @@ at::Tensor apply(const at::Tensor& input, const Layout& l, const at::Tensor* dy,
   at::Tensor out = at::empty_like(l.x);
   if (out.numel() == 0) return as_output(input, out);
   SYNCBN_DISPATCH(l.x.scalar_type(), "syncbn_apply", [&] {
-    apply_kernel<scalar_t>(l, l.x.const_data_ptr<scalar_t>(), dy ? dy->const_data_ptr<scalar_t>() : nullptr, m, p,
-                           q, r, out.mutable_data_ptr<scalar_t>());
+    const scalar_t *xp = l.x.const_data_ptr<scalar_t>(), *dp = dy ? dy->const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+#if defined(SYNCBN_X86_AVX2)
+    if constexpr (std::is_same_v<scalar_t, opmath<scalar_t>>) {
+      const int64_t bytes = out.nbytes() * (dy ? 3 : 2);
+      if (streams(bytes, out.nbytes())) return apply_kernel<scalar_t, true>(l, xp, dp, m, p, q, r, op);
+    }
+#endif
+    apply_kernel<scalar_t, false>(l, xp, dp, m, p, q, r, op);
   });
   return as_output(input, out);
 }

@@ -331,26 +331,30 @@ def test_narrower_builds_equal_the_oracle(capability):
     assert result.returncode == 0 and " passed" in result.stdout, result.stdout + result.stderr
 
 
+def _step_on_1_and_2_threads(x, dy, weight, bias):
+    """The C++ kernels' step on 1 and then 2 intra-op threads, checked bit for bit alike."""
+    threads, results = torch.get_num_threads(), []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(_step(torch.ops.syncbn_cpu, x, dy, weight, bias))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results, strict=True):
+        assert torch.equal(one, two), list(x.shape)
+    return results[0]
+
+
 def test_results_do_not_depend_on_the_thread_count():
     """Sums are taken in an order fixed by the shape (see csrc/cpu_kernels.cpp), so 1 and 2
     intra-op threads give bit-identical results in every layout."""
     _requires_kernels()
-    threads = torch.get_num_threads()
     for layout in ("nchw", "channels_last", "2d"):
         big = {"nchw": (8, 64, 32, 32), "channels_last": (8, 64, 32, 32), "2d": (512, 256)}[layout]
         x = torch.randn(big) * 3 + 5
         if layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
-        dy, weight = torch.randn_like(x), torch.rand(big[1])
-        results = []
-        try:
-            for count in (1, 2):
-                torch.set_num_threads(count)
-                results.append(_step(torch.ops.syncbn_cpu, x, dy, weight, None))
-        finally:
-            torch.set_num_threads(threads)
-        for one, two in zip(*results, strict=True):
-            assert torch.equal(one, two), layout
+        _step_on_1_and_2_threads(x, torch.randn_like(x), torch.rand(big[1]), None)
 
 
 def _last_level_cache() -> int:
@@ -379,18 +383,9 @@ def test_passes_past_the_cache_stream_their_output(layout):
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     dy, weight, bias = torch.randn_like(x), torch.rand(67) + 0.5, torch.randn(67)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            results.append(_step(torch.ops.syncbn_cpu, x, dy, weight, bias))
-    finally:
-        torch.set_num_threads(threads)
-    for one, two in zip(*results, strict=True):
-        assert torch.equal(one, two)
+    fused = _step_on_1_and_2_threads(x, dy, weight, bias)
     stock = _step(reference, x, dy, weight, bias)
-    for name, got, expected in zip(["y", "dx"], results[0][1::6], stock[1::6], strict=True):
+    for name, got, expected in zip(["y", "dx"], fused[1::6], stock[1::6], strict=True):
         torch.testing.assert_close(got, expected, **_tolerance(torch.float32), msg=lambda m, name=name: f"{name}: {m}")
 
 

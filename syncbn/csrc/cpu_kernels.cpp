@@ -44,6 +44,17 @@
 #include <immintrin.h>
 #endif
 
+// The build keeps the compiler's own loops at 256-bit vectors, which were as fast or faster
+// for every pass but one: the moments' row sums (`moments_rows`), bound by their float64
+// conversions and adds, took 0.92-0.94x as long at 512 bits in float32 (0.93-1.00x in half
+// precision), the same bits. Not inlined, as GCC would build the inlined copy for its
+// caller's width.
+#if defined(CPU_CAPABILITY_AVX512)
+#define SYNCBN_WIDE __attribute__((target("prefer-vector-width=512"), noinline))
+#else
+#define SYNCBN_WIDE
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <fstream>
@@ -60,6 +71,7 @@ template <typename T>
 using opmath = at::opmath_type<T>;
 
 constexpr int64_t kTile = 256;  // elements widened at a time, on the stack
+constexpr int64_t kRows = 8;    // rows that the row sums add up before their float64 sums
 
 // n values at src as opmath values: src itself when no conversion is needed, else buf.
 template <typename T>
@@ -288,6 +300,51 @@ inline void add_centred(const V* a, const V* b, const U* m, U* s, U* t, int64_t 
   }
 }
 
+// The moments' sums of rows [first, stop), W values each, added into ps (Σa) and pt (Σa²).
+// The rows are cut into kRows runs of `sub` rows, and a group is the t-th row of every run,
+// added up side by side in registers. Each row of the group walks its own run in storage
+// order, from load instructions of its own (the unrolled loops), so the hardware
+// prefetchers follow kRows sequential streams. Groups of adjacent rows instead jump back
+// and forth in the same pages, which the prefetchers do not follow: 1.03-2.1x as long, cold
+// or from the last-level cache. The rows left over (fewer than kRows) are added one at a time.
+template <typename T>
+SYNCBN_WIDE void moments_rows(const T* a, int64_t first, int64_t stop, int64_t W, double* ps, double* pt) {
+  using acc = opmath<T>;
+  acc abuf[kRows][kTile];
+  const int64_t sub = (stop - first) / kRows;
+  for (int64_t r = 0; r < sub + (stop - first) % kRows; ++r) {
+    const bool whole = r < sub;
+    for (int64_t c0 = 0; c0 < W; c0 += kTile) {
+      const int64_t len = std::min(kTile, W - c0);
+      if (whole) {
+        const acc* av[kRows];
+#pragma GCC unroll 8
+        for (int64_t j = 0; j < kRows; ++j) av[j] = widen(a + (first + j * sub + r) * W + c0, abuf[j], len);
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) {
+          double sa = 0, ta = 0;
+#pragma GCC unroll 8
+          for (int64_t j = 0; j < kRows; ++j) {
+            const double aj = av[j][i];
+            sa += aj;
+            ta += aj * aj;
+          }
+          ps[c0 + i] += sa;
+          pt[c0 + i] += ta;
+        }
+      } else {
+        const acc* av = widen(a + (first + (kRows - 1) * sub + r) * W + c0, abuf[0], len);
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) {
+          const double ai = av[i];
+          ps[c0 + i] += ai;
+          pt[c0 + i] += ai * ai;
+        }
+      }
+    }
+  }
+}
+
 // Per channel, in float64: s[c] = Σ a and t[c] = Σ a·(b − m[c]) over the values of channel c.
 // Without kCentred, b is a itself and m is 0: t[c] = Σ a² (the moments).
 //
@@ -298,7 +355,6 @@ inline void add_centred(const V* a, const V* b, const U* m, U* s, U* t, int64_t 
 template <typename T, bool kCentred>
 void reduce_kernel(const Layout& l, const T* a, const T* b, const double* m, double* s, double* t) {
   using acc = opmath<T>;
-  constexpr int64_t kRows = 8;
   const int64_t C = l.C;
   if (!l.channels_innermost) {
     const int64_t per_channel = std::max<int64_t>(1, l.N * l.inner);
@@ -326,7 +382,11 @@ void reduce_kernel(const Layout& l, const T* a, const T* b, const double* m, dou
   // left over (fewer than `group`) are added last.
   const int64_t group = std::max<int64_t>(1, 64 / C), W = group * C;
   const int64_t rows = l.rows() / group, left = l.rows() % group;
-  const int64_t min_rows = std::max<int64_t>(kRows, 16384 / W);  // at least ~16k values per block
+  // A block holds at least one grain of torch's parallel_for (GRAIN_SIZE values, below which
+  // torch does not split work either): each block's partial sums are zeroed and added up on
+  // the calling thread, which with blocks of 16k values took 5-40% of the time at (256, 1024)
+  // and (512, 2048).
+  const int64_t min_rows = std::max<int64_t>(kRows, at::internal::GRAIN_SIZE / W);
   const int64_t block = std::max(min_rows, (rows + 63) / 64);
   const int64_t blocks = (rows + block - 1) / block;
   std::vector<double> partial((blocks + 1) * 2 * W, 0.0);  // the last for the rows left over
@@ -377,45 +437,7 @@ void reduce_kernel(const Layout& l, const T* a, const T* b, const double* m, dou
           }
         }
       } else {
-        // The moments: the block's rows cut into kRows runs of `sub` rows, and a group is
-        // the t-th row of every run, added up side by side in registers. Each row of the
-        // group walks its own run in storage order, from load instructions of its own (the
-        // unrolled loops), so the hardware prefetchers follow kRows sequential streams.
-        // Groups of adjacent rows instead jump back and forth in the same pages, which the
-        // prefetchers do not follow: 1.03-2.1x as long, cold or from the last-level cache.
-        // The rows left over (fewer than kRows) are added one at a time.
-        const int64_t first = k * block, sub = (stop - first) / kRows;
-        for (int64_t r = 0; r < sub + (stop - first) % kRows; ++r) {
-          const bool whole = r < sub;
-          for (int64_t c0 = 0; c0 < W; c0 += kTile) {
-            const int64_t len = std::min(kTile, W - c0);
-            if (whole) {
-              const acc* av[kRows];
-#pragma GCC unroll 8
-              for (int64_t j = 0; j < kRows; ++j) av[j] = widen(a + (first + j * sub + r) * W + c0, abuf[j], len);
-#pragma omp simd
-              for (int64_t i = 0; i < len; ++i) {
-                double sa = 0, ta = 0;
-#pragma GCC unroll 8
-                for (int64_t j = 0; j < kRows; ++j) {
-                  const double aj = av[j][i];
-                  sa += aj;
-                  ta += aj * aj;
-                }
-                ps[c0 + i] += sa;
-                pt[c0 + i] += ta;
-              }
-            } else {
-              const acc* av = widen(a + (first + (kRows - 1) * sub + r) * W + c0, abuf[0], len);
-#pragma omp simd
-              for (int64_t i = 0; i < len; ++i) {
-                const double ai = av[i];
-                ps[c0 + i] += ai;
-                pt[c0 + i] += ai * ai;
-              }
-            }
-          }
-        }
+        moments_rows(a, k * block, stop, W, ps, pt);
       }
     }
   });

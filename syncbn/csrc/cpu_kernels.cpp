@@ -71,7 +71,7 @@ template <typename T>
 using opmath = at::opmath_type<T>;
 
 constexpr int64_t kTile = 256;  // elements widened at a time, on the stack
-constexpr int64_t kRows = 8;    // rows that the row sums add up before their float64 sums
+constexpr int64_t kRows = 8;    // rows the row sums add up together before the per-channel sums
 
 // n values at src as opmath values: src itself when no conversion is needed, else buf.
 template <typename T>
@@ -384,8 +384,8 @@ void reduce_kernel(const Layout& l, const T* a, const T* b, const double* m, dou
   const int64_t rows = l.rows() / group, left = l.rows() % group;
   // A block holds at least one grain of torch's parallel_for (GRAIN_SIZE values, below which
   // torch does not split work either): each block's partial sums are zeroed and added up on
-  // the calling thread, which with blocks of 16k values took 5-40% of the time at (256, 1024)
-  // and (512, 2048).
+  // the calling thread, and against blocks of 16k values the passes took 0.73-0.93x as long
+  // at (256, 1024) and (512, 2048).
   const int64_t min_rows = std::max<int64_t>(kRows, at::internal::GRAIN_SIZE / W);
   const int64_t block = std::max(min_rows, (rows + 63) / 64);
   const int64_t blocks = (rows + block - 1) / block;

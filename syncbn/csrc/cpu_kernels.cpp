@@ -394,7 +394,7 @@ void reduce_kernel(const Layout& l, const T* a, const T* b, const double* m, dou
   std::vector<acc> mf(kCentred ? W : 0);
   for (int64_t i = 0; i < static_cast<int64_t>(mw.size()); ++i) mf[i] = static_cast<acc>(mw[i] = m[i % C]);
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    acc abuf[kRows][kTile], bbuf[kTile];
+    acc abuf[kTile], bbuf[kTile];  // the backward's widened rows
     std::vector<acc> gs(kCentred ? W : 0), gt(kCentred ? W : 0);
     for (int64_t k = begin; k < end; ++k) {
       double* ps = partial.data() + k * 2 * W;
@@ -413,7 +413,7 @@ void reduce_kernel(const Layout& l, const T* a, const T* b, const double* m, dou
           for (int64_t j = r; j < std::min(stop, r + kRows); ++j) {
             for (int64_t c0 = 0; c0 < W; c0 += kTile) {
               const int64_t len = std::min(kTile, W - c0);
-              const acc *av = widen(a + j * W + c0, abuf[0], len), *bv = widen(b + j * W + c0, bbuf, len);
+              const acc *av = widen(a + j * W + c0, abuf, len), *bv = widen(b + j * W + c0, bbuf, len);
               const acc* m0 = mf.data() + c0;
               acc *s0 = gs.data() + c0, *t0 = gt.data() + c0;
               if (!whole) {
